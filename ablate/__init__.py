@@ -1,0 +1,1 @@
+"""Hydra multirun ablations of CNNs on CIFAR-10."""

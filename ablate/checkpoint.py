@@ -1,0 +1,44 @@
+"""Per-epoch training checkpoints (everything needed to resume bit for bit), saved atomically."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """torch.save to a temporary file, then rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: Path, *, state, model, optimizer, scheduler, generator, device) -> None:
+    atomic_torch_save({
+        "state": asdict(state),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "generator": generator.get_state(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }, Path(run_dir) / CHECKPOINT_FILE)
+
+
+def load_checkpoint(run_dir: Path) -> dict | None:
+    """The run's last checkpoint, or None when there is none (or it cannot be trusted)."""
+    path = Path(run_dir) / CHECKPOINT_FILE
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or corrupted: start over rather than train on garbage
+        log.warning("checkpoint %s is unreadable (%s); starting the run from scratch", path, err)
+        return None

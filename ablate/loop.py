@@ -1,0 +1,201 @@
+"""The training loop: one epoch of training, evaluation, and `fit` over epochs with checkpoints."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ablate.checkpoint import atomic_torch_save, load_checkpoint, save_checkpoint
+from ablate.data import ImageData, batches, num_batches
+from ablate.record import RunRecord, write_metrics
+
+log = logging.getLogger(__name__)
+
+BEST_WEIGHTS = "best_model.pth"
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class Precision:
+    """How the forward pass runs: autocast dtype (None = fp32) and memory format."""
+
+    autocast_dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+    def autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast_dtype)
+
+    def prepare(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs.contiguous(memory_format=torch.channels_last) if self.channels_last else inputs
+
+
+def l1_penalty(model: nn.Module) -> torch.Tensor:
+    return sum(p.abs().sum() for p in model.parameters())
+
+
+def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn: nn.Module,
+                    optimizer: torch.optim.Optimizer, batch_size: int, generator: torch.Generator,
+                    l1_lambda: float = 0.0, grad_clip: float | None = None,
+                    precision: Precision = Precision(), step_losses: list | None = None,
+                    before_step: Callable | None = None, desc: str = "train") -> dict[str, float]:
+    """One pass over (x, y) with augmentation; returns mean data loss and accuracy."""
+    model.train()
+    device = x.device
+    total_loss = torch.zeros((), device=device)  # accumulated on the device: one sync per epoch
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    steps = tqdm(batches(x, y, batch_size, generator=generator, augment=True), desc=desc,
+                 total=num_batches(len(y), batch_size, train=True), leave=False, disable=None)
+    for inputs, targets in steps:
+        inputs = precision.prepare(inputs)
+        if before_step is not None:
+            before_step(inputs, targets)
+        with precision.autocast(device):
+            logits = model(inputs)
+        loss = loss_fn(logits.float(), targets)
+        objective = loss + l1_lambda * l1_penalty(model) if l1_lambda else loss
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        total_loss += loss.detach() * len(targets)
+        correct += (logits.argmax(1) == targets).sum()
+        seen += len(targets)
+        if step_losses is not None:
+            step_losses.append(loss.detach())
+    return {"loss": total_loss.item() / seen, "acc": correct.item() / seen, "images": seen}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn: nn.Module,
+             batch_size: int = 1024, precision: Precision = Precision()) -> dict[str, float]:
+    """Mean loss and accuracy of `model` on (x, y), in eval mode, without augmentation."""
+    model.eval()
+    total_loss = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    for inputs, targets in batches(x, y, batch_size):
+        with precision.autocast(x.device):
+            logits = model(precision.prepare(inputs))
+        total_loss += loss_fn(logits.float(), targets) * len(targets)
+        correct += (logits.argmax(1) == targets).sum()
+    return {"loss": total_loss.item() / len(y), "acc": correct.item() / len(y)}
+
+
+@dataclass
+class FitState:
+    """What `fit` carries from epoch to epoch (and through a checkpoint)."""
+
+    epoch: int = 0
+    rows: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+    train_images: int = 0
+
+
+def _step_scheduler(scheduler, monitor_loss: float) -> None:
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(monitor_loss)
+    elif scheduler is not None:
+        scheduler.step()
+
+
+def summarize(rows: list[dict], record: RunRecord) -> None:
+    """Fill the record's accuracy fields from the per-epoch rows."""
+    if not rows:
+        return
+    best = max(rows, key=lambda r: r["test_acc"])  # first epoch reaching the maximum
+    record.epochs_run = rows[-1]["epoch"]
+    record.final_test_acc = rows[-1]["test_acc"]
+    record.final_train_loss = rows[-1]["train_loss"]
+    record.best_test_acc, record.best_epoch = best["test_acc"], best["epoch"]
+    if rows[0].get("val_acc") is not None:
+        best_val = max(rows, key=lambda r: r["val_acc"])
+        record.best_val_acc, record.best_val_epoch = best_val["val_acc"], best_val["epoch"]
+        record.test_acc_at_best_val = best_val["test_acc"]
+
+
+def fit(model: nn.Module, data: ImageData, *, loss_fn: nn.Module, optimizer, scheduler,
+        epochs: int, batch_size: int, seed: int, run_dir: Path, record: RunRecord,
+        l1_lambda: float = 0.0, grad_clip: float | None = None,
+        precision: Precision = Precision(), save_weights: bool = True,
+        step_log: list | None = None, before_step: Callable | None = None) -> FitState:
+    """Train for `epochs`, resuming from run_dir's checkpoint; writes metrics and checkpoints each epoch.
+
+    Raises Diverged when the training loss stops being finite.
+    """
+    device = data.train_x.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    state = FitState()
+    ckpt = load_checkpoint(run_dir)
+    if ckpt is not None:
+        state = FitState(**ckpt["state"])
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(ckpt["scheduler"])
+        generator.set_state(ckpt["generator"])
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if device.type == "cuda" and ckpt.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
+        log.info("resuming %s after epoch %d", run_dir, state.epoch)
+
+    has_val = len(data.val_y) > 0
+    best_key = "val_acc" if has_val else "test_acc"
+    best_so_far = max((r[best_key] for r in state.rows), default=-1.0)
+    for epoch in range(state.epoch + 1, epochs + 1):
+        lr = optimizer.param_groups[0]["lr"]
+        start = time.perf_counter()
+        train = train_one_epoch(model, data.train_x, data.train_y, loss_fn=loss_fn,
+                                optimizer=optimizer, batch_size=batch_size, generator=generator,
+                                l1_lambda=l1_lambda, grad_clip=grad_clip, precision=precision,
+                                step_losses=step_log, before_step=before_step,
+                                desc=f"epoch {epoch}/{epochs}")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        if not math.isfinite(train["loss"]):
+            raise Diverged(f"training loss became {train['loss']} in epoch {epoch}")
+        test = evaluate(model, data.test_x, data.test_y, loss_fn=loss_fn, precision=precision)
+        val = evaluate(model, data.val_x, data.val_y, loss_fn=loss_fn, precision=precision) \
+            if has_val else {"loss": None, "acc": None}
+        _step_scheduler(scheduler, val["loss"] if has_val else test["loss"])
+
+        row = dict(epoch=epoch, train_loss=train["loss"], train_acc=train["acc"],
+                   test_loss=test["loss"], test_acc=test["acc"], val_loss=val["loss"],
+                   val_acc=val["acc"], lr=lr, seconds=seconds)
+        state.rows.append(row)
+        state.epoch = epoch
+        state.train_seconds += seconds
+        state.train_images += train["images"]
+        if row[best_key] > best_so_far and save_weights:
+            best_so_far = row[best_key]
+            _save_weights(model, run_dir / BEST_WEIGHTS)
+        best_so_far = max(best_so_far, row[best_key])
+        log.info("epoch %d/%d  train loss %.4f acc %.4f | test loss %.4f acc %.4f%s | lr %.3g | %.1fs",
+                 epoch, epochs, train["loss"], train["acc"], test["loss"], test["acc"],
+                 f" | val acc {val['acc']:.4f}" if has_val else "", lr, seconds)
+
+        write_metrics(state.rows, run_dir)
+        summarize(state.rows, record)
+        record.images_per_second = state.train_images / max(state.train_seconds, 1e-9)
+        record.save(run_dir)
+        save_checkpoint(run_dir, state=state, model=model, optimizer=optimizer,
+                        scheduler=scheduler, generator=generator, device=device)
+    return state
+
+
+def _save_weights(model: nn.Module, path: Path) -> None:
+    atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)

@@ -1,0 +1,73 @@
+"""The typed run record (result.json) and per-epoch metrics (metrics.csv), written atomically."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+RESULT_FILE = "result.json"
+METRICS_FILE = "metrics.csv"
+METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc",
+                  "val_loss", "val_acc", "lr", "seconds")
+
+# Lifecycle: running -> completed | diverged | failed | interrupted
+STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
+
+
+@dataclass
+class RunRecord:
+    """Everything analysis needs to know about one run."""
+
+    status: str = "running"
+    choices: dict[str, str] = field(default_factory=dict)   # hydra.runtime.choices, e.g. loss: ce
+    overrides: list[str] = field(default_factory=list)      # what the user typed, e.g. loss=ce
+    seed: int = 0
+    epochs: int = 0                  # configured
+    epochs_run: int = 0              # completed epochs
+    final_test_acc: float | None = None
+    best_test_acc: float | None = None
+    best_epoch: int | None = None    # epoch of best_test_acc (1-based)
+    best_val_acc: float | None = None
+    best_val_epoch: int | None = None
+    test_acc_at_best_val: float | None = None
+    final_train_loss: float | None = None
+    wall_seconds: float = 0.0
+    images_per_second: float | None = None  # training images per second of training time
+    params: int = 0
+    device: str = ""
+    torch_version: str = ""
+    git_commit: str | None = None
+    config_hash: str = ""            # of the resolved config, to recognise a re-run of the same job
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # study-specific numbers (e.g. SWA accuracy)
+
+    def save(self, run_dir: Path) -> None:
+        write_atomic(Path(run_dir) / RESULT_FILE, json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "RunRecord":
+        data = json.loads((Path(run_dir) / RESULT_FILE).read_text())
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path` and rename it: a crash never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_metrics(rows: list[dict[str, Any]], run_dir: Path) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(Path(run_dir) / METRICS_FILE, buf.getvalue())

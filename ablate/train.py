@@ -1,0 +1,170 @@
+"""Train one configuration: `python ablate/train.py [-m] group=option key=value ...`."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ablate.data import DataError
+from ablate.loop import Diverged, Precision, fit
+from ablate.record import RunRecord
+from ablate.validation import ConfigError, validate
+
+log = logging.getLogger("ablate")
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT arrived; the last finished epoch is checkpointed."""
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but CUDA is not available here; use device=cpu or auto")
+    return torch.device(name)
+
+
+def pick_precision(name: str, device: torch.device) -> Precision:
+    if name == "fp32" or (name == "auto" and device.type != "cuda"):
+        return Precision()
+    # bf16 keeps fp32's exponent range, so no loss scaling is needed
+    return Precision(autocast_dtype=torch.bfloat16, channels_last=device.type == "cuda")
+
+
+def config_hash(cfg: DictConfig) -> str:
+    return hashlib.sha256(OmegaConf.to_yaml(cfg, resolve=True).encode()).hexdigest()[:16]
+
+
+def previous_record(run_dir: Path, digest: str) -> RunRecord | None:
+    """The record already in run_dir, which must belong to the same config."""
+    if not (run_dir / "result.json").exists():
+        return None
+    try:
+        previous = RunRecord.load(run_dir)
+    except (ValueError, TypeError) as err:
+        log.warning("ignoring unreadable %s/result.json (%s)", run_dir, err)
+        return None
+    if previous.config_hash and previous.config_hash != digest:
+        raise ConfigError(f"{run_dir} already holds a run of a different config; choose another "
+                          "directory (hydra.run.dir=... or hydra.sweep.dir=...)")
+    return previous
+
+
+def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str]) -> RunRecord:
+    """Build everything from the config, train (or resume, or skip if done), and write the record."""
+    validate(cfg)
+    digest = config_hash(cfg)
+    previous = previous_record(run_dir, digest)
+    if previous is not None and previous.status == "completed":
+        log.info("%s is already completed (test acc %.4f); skipping", run_dir, previous.final_test_acc)
+        return previous
+
+    device = pick_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+    record = RunRecord(choices=choices, overrides=overrides, seed=cfg.seed, epochs=cfg.epochs,
+                       device=str(device), torch_version=torch.__version__,
+                       git_commit=git_commit(), config_hash=digest,
+                       wall_seconds=previous.wall_seconds if previous else 0.0)
+    start = time.perf_counter()
+    try:
+        torch.manual_seed(cfg.seed)
+        data = instantiate(cfg.data).to(device)
+        model = instantiate(cfg.model).to(device)
+        precision = pick_precision(cfg.precision, device)
+        if precision.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        loss_fn = instantiate(cfg.loss).to(device)
+        optimizer = instantiate(cfg.optim)(model.parameters())
+        scheduler = instantiate(cfg.sched)(optimizer)
+        record.params = sum(p.numel() for p in model.parameters())
+        log.info("%s | %d params | %d train / %d test images from %s | %s", run_dir,
+                 record.params, len(data.train_y), len(data.test_y), data.source, device)
+        record.save(run_dir)
+        fit(model, data, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
+            epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, run_dir=run_dir,
+            record=record, l1_lambda=cfg.l1_lambda, grad_clip=cfg.grad_clip,
+            precision=precision, save_weights=cfg.save_weights)
+        record.status = "completed"
+    except Diverged as err:
+        record.status, record.error = "diverged", str(err)
+        log.warning("%s diverged: %s", run_dir, err)
+    except Interrupted as err:
+        record.status, record.error = "interrupted", f"stopped by {err}; re-run to resume"
+        raise
+    except Exception as err:
+        record.status, record.error = "failed", f"{type(err).__name__}: {err}"
+        raise
+    finally:
+        record.wall_seconds += time.perf_counter() - start
+        record.save(run_dir)
+    return record
+
+
+def _record_failure(run_dir: Path, choices: dict, overrides: list[str], err: BaseException) -> None:
+    """Leave a failed record for analysis when the run died before writing its own."""
+    if not (run_dir / "result.json").exists():
+        RunRecord(status="failed", choices=choices, overrides=overrides,
+                  error=f"{type(err).__name__}: {err}").save(run_dir)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    choices = {k: v for k, v in OmegaConf.to_container(hc.runtime.choices).items()
+               if not k.startswith("hydra") and v is not None}
+    in_sweep = hc.mode == RunMode.MULTIRUN
+    handlers = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        record = run(cfg, run_dir, choices, list(hc.overrides.task))
+    except Interrupted as err:
+        log.error("interrupted by %s; the last finished epoch is saved in %s: run the same command "
+                  "again to resume", err, run_dir)
+        sys.exit(130 if str(err) == "SIGINT" else 143)
+    except (ConfigError, DataError) as err:
+        log.error("%s", err)
+        _record_failure(run_dir, choices, list(hc.overrides.task), err)
+        if in_sweep:
+            return None  # the record says failed; the sweep's other jobs go on
+        sys.exit(f"error: {err}")
+    except Exception:
+        if not in_sweep:
+            raise
+        log.exception("job in %s failed; continuing with the sweep", run_dir)
+        _record_failure(run_dir, choices, list(hc.overrides.task), sys.exc_info()[1])
+        return None
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    return record.final_test_acc
+
+
+if __name__ == "__main__":
+    main()
