@@ -15,11 +15,12 @@ from tqdm import tqdm
 
 from ablate.checkpoint import atomic_torch_save, load_checkpoint, save_checkpoint
 from ablate.data import ImageData, batches, num_batches
-from ablate.record import RunRecord, write_metrics
+from ablate.record import RunRecord, write_atomic, write_metrics
 
 log = logging.getLogger(__name__)
 
 BEST_WEIGHTS = "best_model.pth"
+STEPS_FILE = "steps.csv"
 
 
 class Diverged(RuntimeError):
@@ -131,10 +132,12 @@ def fit(model: nn.Module, data: ImageData, *, loss_fn: nn.Module, optimizer, sch
         epochs: int, batch_size: int, seed: int, run_dir: Path, record: RunRecord,
         l1_lambda: float = 0.0, grad_clip: float | None = None,
         precision: Precision = Precision(), save_weights: bool = True,
-        step_log: list | None = None, before_step: Callable | None = None) -> FitState:
+        log_steps: bool = False, before_step: Callable | None = None) -> FitState:
     """Train for `epochs`, resuming from run_dir's checkpoint; writes metrics and checkpoints each epoch.
 
-    Raises Diverged when the training loss stops being finite.
+    With log_steps, every step's training loss goes to steps.csv. `before_step(inputs, targets)`
+    runs before each optimizer step (e.g. a loss-landscape probe). Raises Diverged when the
+    training loss stops being finite.
     """
     device = data.train_x.device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -157,11 +160,12 @@ def fit(model: nn.Module, data: ImageData, *, loss_fn: nn.Module, optimizer, sch
     best_so_far = max((r[best_key] for r in state.rows), default=-1.0)
     for epoch in range(state.epoch + 1, epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
+        step_losses = [] if log_steps else None
         start = time.perf_counter()
         train = train_one_epoch(model, data.train_x, data.train_y, loss_fn=loss_fn,
                                 optimizer=optimizer, batch_size=batch_size, generator=generator,
                                 l1_lambda=l1_lambda, grad_clip=grad_clip, precision=precision,
-                                step_losses=step_log, before_step=before_step,
+                                step_losses=step_losses, before_step=before_step,
                                 desc=f"epoch {epoch}/{epochs}")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -189,12 +193,23 @@ def fit(model: nn.Module, data: ImageData, *, loss_fn: nn.Module, optimizer, sch
                  f" | val acc {val['acc']:.4f}" if has_val else "", lr, seconds)
 
         write_metrics(state.rows, run_dir)
+        if log_steps:
+            append_steps(run_dir / STEPS_FILE, epoch, torch.stack(step_losses).tolist())
         summarize(state.rows, record)
         record.images_per_second = state.train_images / max(state.train_seconds, 1e-9)
         record.save(run_dir)
         save_checkpoint(run_dir, state=state, model=model, optimizer=optimizer,
                         scheduler=scheduler, generator=generator, device=device)
     return state
+
+
+def append_steps(path: Path, epoch: int, losses: list[float]) -> None:
+    """Append one epoch's per-step training losses (rewritten atomically, dropping a re-run epoch)."""
+    lines = path.read_text().splitlines()[1:] if path.exists() else []
+    lines = [ln for ln in lines if int(ln.split(",")[1]) < epoch]
+    first = len(lines)
+    lines += [f"{first + i},{epoch},{loss!r}" for i, loss in enumerate(losses)]
+    write_atomic(path, "step,epoch,loss\n" + "".join(ln + "\n" for ln in lines))
 
 
 def _save_weights(model: nn.Module, path: Path) -> None:

@@ -106,11 +106,15 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str]) -> 
         record.params = sum(p.numel() for p in model.parameters())
         log.info("%s | %d params | %d train / %d test images from %s | %s", run_dir,
                  record.params, len(data.train_y), len(data.test_y), data.source, device)
+        # An optional per-step hook, built from the config like everything else (see conf/probe/).
+        before_step = instantiate(cfg.probe)(model=model, loss_fn=loss_fn, optimizer=optimizer,
+                                             run_dir=run_dir) if cfg.get("probe") else None
         record.save(run_dir)
         fit(model, data, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
             epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, run_dir=run_dir,
             record=record, l1_lambda=cfg.l1_lambda, grad_clip=cfg.grad_clip,
-            precision=precision, save_weights=cfg.save_weights)
+            precision=precision, save_weights=cfg.save_weights, log_steps=cfg.log_steps,
+            before_step=before_step)
         record.status = "completed"
     except Diverged as err:
         record.status, record.error = "diverged", str(err)
