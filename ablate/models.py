@@ -15,6 +15,8 @@ class CNN(nn.Module):
     def __init__(self, activation: Activation, filters: Sequence[int] = (64, 128, 256),
                  batchnorm: bool = True, dropout: float = 0.5, num_classes: int = 10):
         super().__init__()
+        if len(filters) > 5:  # each block halves the 32x32 input; a sixth would leave nothing
+            raise ValueError(f"model.filters has {len(filters)} blocks; at most 5 fit a 32x32 image")
         layers, width = [], 3
         for out in filters:
             layers += [nn.Conv2d(width, out, 3, padding=1),

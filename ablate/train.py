@@ -153,9 +153,9 @@ def main(cfg: DictConfig) -> float | None:
                   "again to resume", err, run_dir)
         sys.exit(130 if str(err) == "SIGINT" else 143)
     except (ConfigError, DataError) as err:
-        log.error("%s", err)
         _record_failure(run_dir, choices, list(hc.overrides.task), err)
         if in_sweep:
+            log.error("%s", err)
             return None  # the record says failed; the sweep's other jobs go on
         sys.exit(f"error: {err}")
     except Exception:

@@ -1,0 +1,89 @@
+"""Collect Hydra run directories into DataFrames: one row per run, one row per (run, epoch)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+
+EXPECTED = ("run_dir", "sweep", "status", "error", "choices", "overrides", "seed", "epochs_run",
+            "final_test_acc", "best_test_acc", "test_acc_at_best_val")
+
+
+def find_run_dirs(root: Path) -> list[Path]:
+    """Every directory under `root` that Hydra ran a job in (it holds .hydra/config.yaml)."""
+    found = []
+    for here, dirs, _ in os.walk(root):
+        if (Path(here) / ".hydra" / "config.yaml").exists():
+            found.append(Path(here))
+            dirs[:] = []  # a run directory holds no other runs
+        else:
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    return sorted(found)
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """'+experiment=loss_a' -> ('experiment', 'loss_a'); '~key' -> ('key', '<deleted>')."""
+    if text.startswith("~"):
+        return text.lstrip("~").split("=")[0], "<deleted>"
+    key, _, value = text.lstrip("+").partition("=")
+    return key, value
+
+
+def _read_yaml(path: Path) -> dict:
+    with open(path) as fh:
+        return yaml.safe_load(fh) or {}
+
+
+def load_run(run_dir: Path, root: Path) -> tuple[dict, pd.DataFrame | None]:
+    """One run's row (record, choices, overrides) and its per-epoch metrics; never raises on bad files."""
+    row: dict = {"run_dir": str(run_dir), "status": "unfinished", "error": None}
+    try:
+        hydra_cfg = _read_yaml(run_dir / ".hydra" / "hydra.yaml")["hydra"]
+        row["choices"] = {k: v for k, v in (hydra_cfg["runtime"]["choices"] or {}).items()
+                          if not k.startswith("hydra") and v is not None}
+        row["overrides"] = dict(parse_override(o) for o in hydra_cfg["overrides"]["task"])
+    except Exception as err:
+        row.update(choices={}, overrides={}, status="unreadable", error=f".hydra: {err}")
+    # A sweep is the folder Hydra wrote multirun.yaml into; single runs under a root form one group.
+    multirun = (run_dir.parent / "multirun.yaml").exists()
+    row["sweep"] = str(run_dir.parent) if multirun else f"single runs in {root}"
+
+    result = run_dir / "result.json"
+    if result.exists():
+        try:
+            record = json.loads(result.read_text())
+            row.update({k: v for k, v in record.items() if k not in ("choices", "overrides")})
+            row["choices"] = record.get("choices") or row["choices"]
+        except (ValueError, OSError) as err:
+            row.update(status="unreadable", error=f"result.json: {err}")
+    else:
+        row["error"] = row["error"] or "no result.json (never started, still starting, or killed)"
+
+    curves = None
+    if (run_dir / "metrics.csv").exists():
+        try:
+            curves = pd.read_csv(run_dir / "metrics.csv")
+            curves.insert(0, "run_dir", str(run_dir))
+        except (ValueError, OSError, pd.errors.ParserError):
+            curves = None
+    return row, curves
+
+
+def collect(roots: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(runs, curves): one row per run directory found under `roots`, one row per run and epoch."""
+    rows, curves = [], []
+    for root in roots:
+        for run_dir in find_run_dirs(root):
+            row, c = load_run(run_dir, root)
+            rows.append(row)
+            if c is not None:
+                curves.append(c)
+    runs = pd.DataFrame(rows)
+    for column in EXPECTED:  # present even when no run has a readable record
+        if column not in runs:
+            runs[column] = None
+    return runs, (pd.concat(curves, ignore_index=True) if curves else pd.DataFrame())

@@ -1,0 +1,76 @@
+"""The user's commands, as typed: multirun sweeps, make_tables, failures, re-runs, interruption."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+
+from conftest import REPO, TINY, run_script
+
+
+def records(sweep_dir):
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/result.json"))}
+
+
+def test_loss_sweep_then_tables_gives_a_four_row_table_and_reruns_skip(tmp_path):
+    sweep = tmp_path / "losses"
+    args = ["-m", "loss=ce,focal,mse,label_smoothing", *TINY, f"hydra.sweep.dir={sweep}"]
+    run_script("ablate/train.py", *args)
+    recs = records(sweep)
+    assert len(recs) == 4 and {r["status"] for r in recs.values()} == {"completed"}
+    assert {r["choices"]["loss"] for r in recs.values()} == {"ce", "focal", "mse", "label_smoothing"}
+
+    out = tmp_path / "tables"
+    proc = run_script("analysis/make_tables.py", "--root", str(sweep), "--out", str(out))
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| ") and "---" not in ln]
+    assert rows[0].startswith("| Loss ")
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["ce", "focal", "mse", "label_smoothing"]
+    assert (out / "tables.md").read_text().count("| ce ") == 1
+    assert len(list(out.glob("*.png"))) == 1
+
+    # Re-running the finished sweep trains nothing: the records and metrics stay untouched.
+    stamps = {p: p.stat().st_mtime_ns for p in sweep.glob("*/metrics.csv")}
+    start = time.perf_counter()
+    proc = run_script("ablate/train.py", *args)
+    assert time.perf_counter() - start < 60
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert "already completed" in proc.stderr + proc.stdout + "".join(
+        p.read_text() for p in sweep.glob("*/train.log"))
+
+
+def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
+    sweep = tmp_path / "fail"
+    run_script("ablate/train.py", "-m", *TINY, "model.filters=[8,16,32],[4,4,4,4,4,4],[8,16]",
+               f"hydra.sweep.dir={sweep}")
+    recs = records(sweep)
+    assert [recs[k]["status"] for k in ("0", "1", "2")] == ["completed", "failed", "completed"]
+    assert "at most 5" in recs["1"]["error"]
+    proc = run_script("analysis/make_tables.py", "--root", str(sweep), "--out", str(tmp_path / "t"))
+    assert "1 failed" in proc.stdout and proc.stdout.count("completed") >= 2
+
+
+def test_sigterm_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path):
+    common = [*TINY, "epochs=4", "data.train_size=1200"]
+    run_script("ablate/train.py", *common, f"hydra.run.dir={tmp_path / 'whole'}")
+
+    cut = tmp_path / "cut"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, str(REPO / "ablate/train.py"), *common,
+                             f"hydra.run.dir={cut}"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (cut / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    stopped = json.loads((cut / "result.json").read_text())
+    assert stopped["status"] == "interrupted" and stopped["epochs_run"] < 4
+
+    run_script("ablate/train.py", *common, f"hydra.run.dir={cut}")
+    whole = pd.read_csv(tmp_path / "whole" / "metrics.csv").drop(columns="seconds")
+    resumed = pd.read_csv(cut / "metrics.csv").drop(columns="seconds")
+    pd.testing.assert_frame_equal(whole, resumed, check_exact=True)
+    assert json.loads((cut / "result.json").read_text())["status"] == "completed"
