@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -22,7 +23,12 @@ def find_run_dirs(root: Path) -> list[Path]:
             dirs[:] = []  # a run directory holds no other runs
         else:
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-    return sorted(found)
+    return sorted(found, key=_natural)
+
+
+def _natural(path: Path) -> list:
+    """Sort key that puts job 2 before job 10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
 
 
 def parse_override(text: str) -> tuple[str, str]:
