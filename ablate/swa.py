@@ -54,8 +54,9 @@ class SWA:
     def load_state_dict(self, state: dict) -> None:
         self.averaged.load_state_dict(state["averaged"])
         if state["scheduler"] is not None:
-            # The optimizer's param groups (already restored) carry swa_lr; the constructor's
-            # initial step is overwritten by the saved counters.
+            # Rebuilt on the restored optimizer, whose groups already hold the current lr and
+            # swa_lr: the constructor's initial step leaves that lr as it is (anneal step 0, or
+            # swa_lr itself when anneal_epochs is 0) and the saved counters replace its own.
             self.scheduler = self._swalr()
             self.scheduler.load_state_dict(state["scheduler"])
 
