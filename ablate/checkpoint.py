@@ -20,7 +20,8 @@ def atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(run_dir: Path, *, state, model, optimizer, scheduler, generator, device) -> None:
+def save_checkpoint(run_dir: Path, *, state, model, optimizer, scheduler, generator, device,
+                    swa=None) -> None:
     atomic_torch_save({
         "state": asdict(state),
         "model": model.state_dict(),
@@ -29,6 +30,7 @@ def save_checkpoint(run_dir: Path, *, state, model, optimizer, scheduler, genera
         "generator": generator.get_state(),
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "swa": swa.state_dict() if swa is not None else None,  # averaged model + SWALR
     }, Path(run_dir) / CHECKPOINT_FILE)
 
 

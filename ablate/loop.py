@@ -7,7 +7,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -17,9 +17,13 @@ from ablate.checkpoint import atomic_torch_save, load_checkpoint, save_checkpoin
 from ablate.data import ImageData, batches, num_batches
 from ablate.record import RunRecord, write_atomic, write_metrics
 
+if TYPE_CHECKING:
+    from ablate.swa import SWA  # which imports evaluate from here
+
 log = logging.getLogger(__name__)
 
 BEST_WEIGHTS = "best_model.pth"
+SWA_WEIGHTS = "swa_model.pth"
 STEPS_FILE = "steps.csv"
 
 
@@ -132,12 +136,14 @@ def fit(model: nn.Module, data: ImageData, *, loss_fn: nn.Module, optimizer, sch
         epochs: int, batch_size: int, seed: int, run_dir: Path, record: RunRecord,
         l1_lambda: float = 0.0, grad_clip: float | None = None,
         precision: Precision = Precision(), save_weights: bool = True,
-        log_steps: bool = False, before_step: Callable | None = None) -> FitState:
+        log_steps: bool = False, before_step: Callable | None = None,
+        swa: SWA | None = None) -> FitState:
     """Train for `epochs`, resuming from run_dir's checkpoint; writes metrics and checkpoints each epoch.
 
     With log_steps, every step's training loss goes to steps.csv. `before_step(inputs, targets)`
     runs before each optimizer step (e.g. a loss-landscape probe). Raises Diverged when the
-    training loss stops being finite.
+    training loss stops being finite. With `swa`, its averaged model is evaluated at the end
+    into record.extra (swa_test_acc, ...).
     """
     device = data.train_x.device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -150,6 +156,8 @@ def fit(model: nn.Module, data: ImageData, *, loss_fn: nn.Module, optimizer, sch
         if scheduler is not None:
             scheduler.load_state_dict(ckpt["scheduler"])
         generator.set_state(ckpt["generator"])
+        if swa is not None and ckpt.get("swa") is not None:
+            swa.load_state_dict(ckpt["swa"])
         torch.set_rng_state(ckpt["rng_cpu"])
         if device.type == "cuda" and ckpt.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
@@ -175,7 +183,10 @@ def fit(model: nn.Module, data: ImageData, *, loss_fn: nn.Module, optimizer, sch
         test = evaluate(model, data.test_x, data.test_y, loss_fn=loss_fn, precision=precision)
         val = evaluate(model, data.val_x, data.val_y, loss_fn=loss_fn, precision=precision) \
             if has_val else {"loss": None, "acc": None}
-        _step_scheduler(scheduler, val["loss"] if has_val else test["loss"])
+        if swa is not None and swa.covers(epoch):
+            swa.update(model)  # SWALR takes over from the run's scheduler
+        else:
+            _step_scheduler(scheduler, val["loss"] if has_val else test["loss"])
 
         row = dict(epoch=epoch, train_loss=train["loss"], train_acc=train["acc"],
                    test_loss=test["loss"], test_acc=test["acc"], val_loss=val["loss"],
@@ -199,7 +210,13 @@ def fit(model: nn.Module, data: ImageData, *, loss_fn: nn.Module, optimizer, sch
         record.images_per_second = state.train_images / max(state.train_seconds, 1e-9)
         record.save(run_dir)
         save_checkpoint(run_dir, state=state, model=model, optimizer=optimizer,
-                        scheduler=scheduler, generator=generator, device=device)
+                        scheduler=scheduler, generator=generator, device=device, swa=swa)
+    if swa is not None and state.epoch >= swa.start_epoch:
+        record.extra.update(swa.finish(data, batch_size=batch_size, loss_fn=loss_fn,
+                                       precision=precision))
+        if save_weights:
+            _save_weights(swa.averaged.module, run_dir / SWA_WEIGHTS)
+        record.save(run_dir)
     return state
 
 

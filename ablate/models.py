@@ -34,3 +34,52 @@ class CNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, 32, 32) -> (B, classes)
         return self.classifier(self.features(x))
+
+
+class BasicBlock(nn.Module):
+    """act(BN(conv(act(BN(conv(x))))) + shortcut(x)), shortcut = 1x1 conv + BN if the shape changes."""
+
+    def __init__(self, activation: Activation, in_width: int, width: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.act1 = activation()
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.act2 = activation()
+        self.shortcut = nn.Sequential()  # identity
+        if stride != 1 or in_width != width:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_width, width, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act1(self.bn1(self.conv1(x)))
+        return self.act2(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet (He et al. 2016): 3x3 stem, no max-pool, BasicBlock stages, avg-pool, linear.
+
+    Stage widths are width * (1, 2, 4, 8); every stage after the first halves the side
+    (32 -> 32, 16, 8, 4). blocks=(2, 2, 2, 2), width=64 is ResNet-18 (11,173,962 params).
+    """
+
+    def __init__(self, activation: Activation, blocks: Sequence[int] = (2, 2, 2, 2),
+                 width: int = 64, num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(width), activation())
+        stages, in_width = [], width
+        for i, count in enumerate(blocks):
+            out = width * 2 ** i
+            for j in range(count):
+                stride = 2 if i > 0 and j == 0 else 1
+                stages.append(BasicBlock(activation, in_width, out, stride))
+                in_width = out
+        self.stages = nn.Sequential(*stages)
+        # (B, 8 * width, 4, 4) -> (B, 8 * width) -> (B, classes)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(in_width, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, 32, 32) -> (B, classes)
+        return self.head(self.stages(self.stem(x)))

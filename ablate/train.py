@@ -109,12 +109,15 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str]) -> 
         # An optional per-step hook, built from the config like everything else (see conf/probe/).
         before_step = instantiate(cfg.probe)(model=model, loss_fn=loss_fn, optimizer=optimizer,
                                              run_dir=run_dir) if cfg.get("probe") else None
+        # Off while swa.start_epoch is null; built after channels_last so its copy matches.
+        swa = instantiate(cfg.swa)(model, optimizer) \
+            if cfg.get("swa") and cfg.swa.start_epoch is not None else None
         record.save(run_dir)
         fit(model, data, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
             epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, run_dir=run_dir,
             record=record, l1_lambda=cfg.l1_lambda, grad_clip=cfg.grad_clip,
             precision=precision, save_weights=cfg.save_weights, log_steps=cfg.log_steps,
-            before_step=before_step)
+            before_step=before_step, swa=swa)
         record.status = "completed"
     except Diverged as err:
         record.status, record.error = "diverged", str(err)

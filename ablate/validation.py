@@ -35,12 +35,17 @@ RULES = {
     "model.dropout": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "model.filters": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0
                       and all(_positive_int(f) for f in v), "a non-empty list of integers >= 1"),
+    "model.width": (_positive_int, "an integer >= 1"),
     "loss.label_smoothing": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "loss.gamma": (lambda v: _number(v) and v >= 0, "a number >= 0"),
     "model.activation.negative_slope": (lambda v: _number(v) and v >= 0, "a number >= 0"),
     "data.train_size": (lambda v: v is None or _positive_int(v), "null or an integer >= 1"),
     "data.test_size": (lambda v: v is None or _positive_int(v), "null or an integer >= 1"),
     "data.val_size": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    "swa.start_epoch": (lambda v: v is None or _positive_int(v), "null or an integer >= 1"),
+    "swa.lr": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "swa.anneal_epochs": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    "swa.anneal_strategy": (lambda v: v in ("cos", "linear"), "one of cos, linear"),
 }
 
 
@@ -54,5 +59,9 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
         if not ok(value):
             problems.append(f"{key}={value!r} must be {must_be}")
+    start = OmegaConf.select(cfg, "swa.start_epoch")
+    if _positive_int(start) and _positive_int(cfg.get("epochs")) and start > cfg.epochs:
+        # no epoch would be averaged, so the run would silently report no SWA result
+        problems.append(f"swa.start_epoch={start} must be <= epochs={cfg.epochs}")
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
