@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -44,3 +45,34 @@ def load_checkpoint(run_dir: Path) -> dict | None:
     except Exception as err:  # truncated or corrupted: start over rather than train on garbage
         log.warning("checkpoint %s is unreadable (%s); starting the run from scratch", path, err)
         return None
+
+
+# The seed report's words for some classes in its checkpoint names.
+SEED_WORDS = {"SignSGD": "CustomSignSGD", "OneHotMSELoss": "MSELoss", "SiLU": "Swish",
+              "ConstantLR": "NoScheduler"}
+
+
+def seed_style_name(model, loss_fn, optimizer, scheduler, acc: float) -> str:
+    """E.g. best_model_LeakyReLU_CrossEntropy_Adam_CosineAnnealingLR_8945.pth."""
+    act = next((type(m).__name__ for m in model.modules()
+                if type(m).__module__ == "torch.nn.modules.activation"), "Identity")
+    loss = type(loss_fn).__name__
+    if isinstance(loss_fn, torch.nn.CrossEntropyLoss):
+        loss = "LabelSmoothingCrossEntropy" if loss_fn.label_smoothing > 0 else "CrossEntropy"
+    words = [SEED_WORDS.get(n, n) for n in
+             (act, loss, type(optimizer).__name__, type(scheduler).__name__)]
+    return f"best_model_{'_'.join(words)}_{round(acc * 10000):04d}.pth"
+
+
+def link_seed_name(run_dir: Path, model, loss_fn, optimizer, scheduler, acc: float | None) -> str | None:
+    """Give best_model.pth its seed-style name too (a hard link, or a copy where links fail)."""
+    best = Path(run_dir) / "best_model.pth"
+    if acc is None or not best.exists():
+        return None
+    target = Path(run_dir) / seed_style_name(model, loss_fn, optimizer, scheduler, acc)
+    target.unlink(missing_ok=True)
+    try:
+        os.link(best, target)
+    except OSError:
+        shutil.copyfile(best, target)
+    return target.name

@@ -38,6 +38,12 @@ class RunRecord:
     wall_seconds: float = 0.0
     images_per_second: float | None = None  # training images per second of training time
     params: int = 0
+    data_source: str = ""
+    train_images: int = 0
+    val_images: int = 0
+    test_images: int = 0
+    scale: float = 1.0               # the epochs multiplier of a quick look (1.0 = as configured)
+    weights_file: str | None = None  # best weights under the seed report's naming
     device: str = ""
     torch_version: str = ""
     git_commit: str | None = None

@@ -16,6 +16,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ablate.checkpoint import link_seed_name
 from ablate.data import DataError
 from ablate.loop import Diverged, Precision, fit
 from ablate.record import RunRecord
@@ -80,6 +81,8 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str]) -> 
     """Build everything from the config, train (or resume, or skip if done), and write the record."""
     validate(cfg)
     digest = config_hash(cfg)
+    if cfg.scale != 1.0:  # a quick look: fewer epochs, everything else (T_max too) follows
+        cfg.epochs = max(1, round(cfg.epochs * cfg.scale))
     previous = previous_record(run_dir, digest)
     if previous is not None and previous.status == "completed":
         log.info("%s is already completed (test acc %.4f); skipping", run_dir, previous.final_test_acc)
@@ -104,6 +107,9 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str]) -> 
         optimizer = instantiate(cfg.optim)(model.parameters())
         scheduler = instantiate(cfg.sched)(optimizer)
         record.params = sum(p.numel() for p in model.parameters())
+        record.scale, record.data_source = cfg.scale, data.source
+        record.train_images, record.val_images, record.test_images = \
+            len(data.train_y), len(data.val_y), len(data.test_y)
         log.info("%s | %d params | %d train / %d test images from %s | %s", run_dir,
                  record.params, len(data.train_y), len(data.test_y), data.source, device)
         # An optional per-step hook, built from the config like everything else (see conf/probe/).
@@ -119,6 +125,9 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str]) -> 
             precision=precision, save_weights=cfg.save_weights, log_steps=cfg.log_steps,
             before_step=before_step, swa=swa)
         record.status = "completed"
+        if cfg.save_weights:
+            record.weights_file = link_seed_name(run_dir, model, loss_fn, optimizer, scheduler,
+                                                 record.test_acc_at_best_val or record.best_test_acc)
     except Diverged as err:
         record.status, record.error = "diverged", str(err)
         log.warning("%s diverged: %s", run_dir, err)

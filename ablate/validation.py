@@ -23,6 +23,7 @@ def _positive_int(v) -> bool:
 RULES = {
     "epochs": (_positive_int, "an integer >= 1"),
     "batch_size": (_positive_int, "an integer >= 1"),
+    "scale": (lambda v: _number(v) and v > 0, "a number > 0"),
     "seed": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
     "l1_lambda": (lambda v: _number(v) and v >= 0, "a number >= 0"),
     "grad_clip": (lambda v: v is None or (_number(v) and v > 0), "null or a number > 0"),

@@ -9,6 +9,8 @@ import re
 import sys
 from pathlib import Path
 
+from analysis.reproduction import load_seed_results, reproduction_table
+from analysis.reproduction import to_markdown as reproduction_markdown
 from analysis.runs import collect
 from analysis.tables import sweep_reports
 
@@ -49,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
             fig.savefig(args.out / f"{name}.png", dpi=110)
             md += f"\n![training curves]({name}.png)\n"
         sections.append(md)
+    repro = reproduction_table(runs, load_seed_results())
+    if (repro["n"] > 0).any():  # only when some run reproduces a row of the seed report
+        sections.append(reproduction_markdown(repro))
+        (args.out / "reproduction.md").write_text(sections[-1])
     text = "\n".join(sections)
     (args.out / "tables.md").write_text(text)
     print(text)

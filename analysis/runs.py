@@ -11,7 +11,8 @@ import yaml
 
 
 EXPECTED = ("run_dir", "sweep", "status", "error", "choices", "overrides", "seed", "epochs_run",
-            "final_test_acc", "best_test_acc", "test_acc_at_best_val")
+            "final_test_acc", "best_test_acc", "test_acc_at_best_val", "extra", "train_images",
+            "val_images", "data_source")
 
 
 def find_run_dirs(root: Path) -> list[Path]:

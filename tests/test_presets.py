@@ -1,0 +1,81 @@
+"""The seed report's configurations as presets, its tables as one-command sweeps, and the
+reproduction report."""
+import json
+import re
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from ablate.train import run
+from ablate.validation import validate
+from conftest import CONF, TINY, compose_cfg, run_script
+
+PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+# Each table of the seed report and the row labels its one command must produce.
+TABLES = {
+    "activation": ("Activation", ["relu", "leaky_relu", "elu"]),
+    "loss": ("Preset", ["a_ce_step", "b_label_smoothing_cosine", "c_focal_cosine", "d_mse_relu"]),
+    "optimizer": ("Optimizer", ["adam", "sgd", "sign_sgd"]),
+    "scheduler": ("Scheduler", ["step", "plateau", "cosine"]),
+}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes_validates_and_builds(preset):
+    cfg = compose_cfg([f"+experiment={preset}", "data=synthetic"])
+    validate(cfg)
+    model = instantiate(cfg.model)
+    instantiate(cfg.sched)(instantiate(cfg.optim)(model.parameters()))
+
+
+def test_presets_carry_the_seed_settings():
+    d = compose_cfg(["+experiment=d_mse_relu"])
+    assert list(d.model.filters) == [128, 256, 512] and d.epochs == 100
+    assert d.model.activation._target_ == "torch.nn.ReLU" and d.loss._target_.endswith("OneHotMSELoss")
+    best = compose_cfg(["+experiment=best"])
+    assert best.model.activation.negative_slope == 0.05 and best.model.dropout == 0.4
+    assert best.optim.lr == 2e-3 and best.loss.label_smoothing == 0.15 and best.sched.T_max == 100
+    a = compose_cfg(["+experiment=a_ce_step"])
+    assert a.l1_lambda == 1e-3 and a.grad_clip == 1.0 and a.sched.step_size == 20
+    sched = compose_cfg(["+experiment=scheduler_base", "sched=plateau"])
+    assert (sched.sched.patience, sched.sched.factor, sched.sched.min_lr) == (3, 0.2, 1e-5)
+
+
+def test_scale_shortens_a_preset_and_its_schedule(tmp_path):
+    cfg = compose_cfg(["+experiment=b_label_smoothing_cosine", *TINY[:3], "model.filters=[8,16,32]",
+                       "scale=0.02"])
+    record = run(cfg, tmp_path, choices={}, overrides=[])
+    assert record.epochs == 2 and record.epochs_run == 2 and record.scale == 0.02
+    assert cfg.sched.T_max == 2  # the cosine period follows the scaled epochs
+
+
+def test_best_weights_also_get_the_seed_style_name(tmp_path):
+    record = run(compose_cfg([*TINY, "loss=label_smoothing", "sched=cosine"]), tmp_path, {}, [])
+    assert re.fullmatch(r"best_model_LeakyReLU_LabelSmoothingCrossEntropy_Adam_"
+                        r"CosineAnnealingLR_\d{4}\.pth", record.weights_file)
+    assert record.weights_file.endswith(f"{round(record.best_test_acc * 10000):04d}.pth")
+    state = torch.load(tmp_path / record.weights_file, weights_only=True)
+    assert torch.equal(state["classifier.7.bias"],
+                       torch.load(tmp_path / "best_model.pth", weights_only=True)["classifier.7.bias"])
+
+
+def test_every_table_is_one_command_with_seeds_ci_and_a_reproduction_report(tmp_path):
+    tiny = ["data=synthetic", "data.train_size=200", "data.test_size=100", "epochs=1",
+            "model.filters=[8,16,32]", "seed=0,1"]
+    for table in TABLES:
+        run_script("ablate/train.py", "-m", f"+ablation={table}", *tiny,
+                   f"hydra.sweep.dir={tmp_path / table}")
+    out = tmp_path / "tables"
+    proc = run_script("analysis/make_tables.py", "--root", str(tmp_path), "--out", str(out))
+    for table, (header, rows) in TABLES.items():
+        md = (out / "tables.md").read_text().split(f"### {tmp_path / table}\n")[1].split("\n#")[0]
+        lines = [ln for ln in md.splitlines() if ln.startswith("|")]
+        assert lines[0].split("|")[1].strip() == header
+        assert "95% CI" in lines[0] and "Welch" in lines[0]
+        assert [ln.split("|")[1].strip() for ln in lines[2:]] == rows
+        assert all(ln.split("|")[4].strip() == "2" for ln in lines[2:])  # n = 2 seeds per row
+    repro = (out / "reproduction.md").read_text()
+    assert re.search(r"\| activation +\| LeakyReLU +\| +89\.45 \| +\d+\.\d+ ± \d+\.\d+ +\| +2 \|", repro)
+    assert repro.count("reduced scale") == 13  # every table row, labelled as a quick look
+    assert re.search(r"\| future work +\| SWA +\| +85\.17 \| not run ", repro)
