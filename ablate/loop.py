@@ -33,10 +33,11 @@ class Diverged(RuntimeError):
 
 @dataclass
 class Precision:
-    """How the forward pass runs: autocast dtype (None = fp32) and memory format."""
+    """How the forward pass runs: autocast dtype (None = fp32), memory format, fp16 loss scaler."""
 
     autocast_dtype: torch.dtype | None = None
     channels_last: bool = False
+    scaler: torch.amp.GradScaler | None = None  # only fp16 needs one: its range underflows small grads
 
     def autocast(self, device: torch.device):
         if self.autocast_dtype is None:
@@ -45,6 +46,17 @@ class Precision:
 
     def prepare(self, inputs: torch.Tensor) -> torch.Tensor:
         return inputs.contiguous(memory_format=torch.channels_last) if self.channels_last else inputs
+
+
+def pick_precision(name: str, device: torch.device) -> Precision:
+    """fp32 | bf16 | fp16 | auto (bf16 on CUDA, or fp16 + loss scaling where bf16 is missing; fp32 elsewhere)."""
+    if name == "fp32" or (name == "auto" and device.type != "cuda"):
+        return Precision()
+    channels_last = device.type == "cuda"  # NHWC is what cuDNN's tensor-core convolutions want
+    if name == "fp16" or (name == "auto" and not torch.cuda.is_bf16_supported()):
+        return Precision(torch.float16, channels_last, torch.amp.GradScaler(device.type))
+    # bf16 keeps fp32's exponent range, so no loss scaling is needed
+    return Precision(torch.bfloat16, channels_last)
 
 
 def l1_penalty(model: nn.Module) -> torch.Tensor:
@@ -62,6 +74,8 @@ def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_
     total_loss = torch.zeros((), device=device)  # accumulated on the device: one sync per epoch
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
+    # A disabled scaler passes everything straight through to backward() and optimizer.step().
+    scaler = precision.scaler or torch.amp.GradScaler(device.type, enabled=False)
     steps = tqdm(batches(x, y, batch_size, generator=generator, augment=True), desc=desc,
                  total=num_batches(len(y), batch_size, train=True), leave=False, disable=None)
     for inputs, targets in steps:
@@ -73,10 +87,12 @@ def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_
         loss = loss_fn(logits.float(), targets)
         objective = loss + l1_lambda * l1_penalty(model) if l1_lambda else loss
         optimizer.zero_grad(set_to_none=True)
-        objective.backward()
+        scaler.scale(objective).backward()
         if grad_clip:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)  # skipped when a scaled fp16 gradient overflowed
+        scaler.update()
         total_loss += loss.detach() * len(targets)
         correct += (logits.argmax(1) == targets).sum()
         seen += len(targets)

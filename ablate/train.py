@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ablate.checkpoint import link_seed_name
 from ablate.data import DataError
-from ablate.loop import Diverged, Precision, fit
+from ablate.loop import Diverged, fit, pick_precision
 from ablate.record import RunRecord
 from ablate.validation import ConfigError, validate
 
@@ -43,19 +43,19 @@ def git_commit() -> str | None:
         return None
 
 
-def pick_device(name: str) -> torch.device:
+def spread_device(job_num: int | None, gpu_count: int) -> torch.device:
+    """The device of a sweep's job `job_num`: jobs take the GPUs in turn; cpu when there are none."""
+    if gpu_count == 0:
+        return torch.device("cpu")
+    return torch.device("cuda" if job_num is None else f"cuda:{job_num % gpu_count}")
+
+
+def pick_device(name: str, job_num: int | None = None) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return spread_device(job_num, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} but CUDA is not available here; use device=cpu or auto")
     return torch.device(name)
-
-
-def pick_precision(name: str, device: torch.device) -> Precision:
-    if name == "fp32" or (name == "auto" and device.type != "cuda"):
-        return Precision()
-    # bf16 keeps fp32's exponent range, so no loss scaling is needed
-    return Precision(autocast_dtype=torch.bfloat16, channels_last=device.type == "cuda")
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -77,7 +77,8 @@ def previous_record(run_dir: Path, digest: str) -> RunRecord | None:
     return previous
 
 
-def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str]) -> RunRecord:
+def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str],
+        job_num: int | None = None) -> RunRecord:
     """Build everything from the config, train (or resume, or skip if done), and write the record."""
     validate(cfg)
     digest = config_hash(cfg)
@@ -88,9 +89,15 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str]) -> 
         log.info("%s is already completed (test acc %.4f); skipping", run_dir, previous.final_test_acc)
         return previous
 
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, job_num)
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg.threads)  # N concurrent jobs must not each take every core
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+        if device.index is not None:
+            torch.cuda.set_device(device)  # keep this job's context and cuDNN handles off other GPUs
+        if cfg.get("cuda_memory_fraction"):  # of the current device; a job outgrowing it fails alone
+            torch.cuda.set_per_process_memory_fraction(float(cfg.cuda_memory_fraction))
     record = RunRecord(choices=choices, overrides=overrides, seed=cfg.seed, epochs=cfg.epochs,
                        device=str(device), torch_version=torch.__version__,
                        git_commit=git_commit(), config_hash=digest,
@@ -103,6 +110,8 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str]) -> 
         precision = pick_precision(cfg.precision, device)
         if precision.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if cfg.get("compile"):
+            model.compile()  # in place, so state_dict keys (checkpoints, best weights) do not change
         loss_fn = instantiate(cfg.loss).to(device)
         optimizer = instantiate(cfg.optim)(model.parameters())
         scheduler = instantiate(cfg.sched)(optimizer)
@@ -150,7 +159,7 @@ def _record_failure(run_dir: Path, choices: dict, overrides: list[str], err: Bas
                   error=f"{type(err).__name__}: {err}").save(run_dir)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(REPO / "conf"), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -159,7 +168,8 @@ def main(cfg: DictConfig) -> float | None:
     in_sweep = hc.mode == RunMode.MULTIRUN
     handlers = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        record = run(cfg, run_dir, choices, list(hc.overrides.task))
+        record = run(cfg, run_dir, choices, list(hc.overrides.task),
+                     job_num=hc.job.num if in_sweep else None)
     except Interrupted as err:
         log.error("interrupted by %s; the last finished epoch is saved in %s: run the same command "
                   "again to resume", err, run_dir)
@@ -183,4 +193,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    # Call ablate.train.main, not this file's __main__ copy: the joblib launcher pickles the task
+    # function for its worker processes, and cloudpickle can only send a __main__ one by value,
+    # which fails on torch's module objects. An importable function is sent by name.
+    from ablate.train import main as importable_main
+
+    importable_main()
