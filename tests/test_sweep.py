@@ -74,3 +74,12 @@ def test_sigterm_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path):
     resumed = pd.read_csv(cut / "metrics.csv").drop(columns="seconds")
     pd.testing.assert_frame_equal(whole, resumed, check_exact=True)
     assert json.loads((cut / "result.json").read_text())["status"] == "completed"
+
+
+def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path):
+    sweep = tmp_path / "submitit"
+    run_script("ablate/train.py", "-m", "hydra/launcher=local", "loss=ce,focal", *TINY,
+               f"hydra.sweep.dir={sweep}")
+    recs = records(sweep)
+    assert sorted(recs) == ["0", "1"] and all(r["status"] == "completed" for r in recs.values())
+    assert (sweep / "0" / ".hydra" / "config.yaml").exists()
