@@ -51,6 +51,8 @@ class VGG(nn.Module):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        # Small output weights: the first loss is ~ln(classes) instead of a large random-logit spike.
+        nn.init.normal_(self.classifier[-1].weight, std=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, 32, 32) -> (B, classes)
         return self.classifier(self.features(x))

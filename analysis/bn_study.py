@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 import numpy as np
 import pandas as pd
 import seaborn as sns
@@ -157,6 +158,7 @@ def plot_val_acc(metrics: pd.DataFrame, runs: pd.DataFrame, threshold: float = 0
     sns.lineplot(df, x="epoch", y=acc, hue="variant", style="lr", palette=PALETTE, marker="o",
                  hue_order=_variants(df), ax=ax)
     ax.axhline(threshold, color="grey", ls=":", lw=1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(ylabel=acc.replace("_", " "), title=f"{acc.split('_')[0].title()} accuracy per epoch")
     fig.tight_layout()
     return fig
@@ -165,13 +167,15 @@ def plot_val_acc(metrics: pd.DataFrame, runs: pd.DataFrame, threshold: float = 0
 def plot_landscape(panels: pd.DataFrame) -> plt.Figure:
     """Santurkar et al. Fig. 4: loss landscape, gradient predictiveness, effective beta-smoothness."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    several_lrs = panels["lr"].nunique() > 1
+    lrs = sorted(panels["lr"].unique(), reverse=True)
     for (v, lr), p in panels.groupby(["variant", "lr"], sort=False):
-        label = f"{v}, lr {lr:g}" if several_lrs else v
-        kw = dict(color=PALETTE[v], alpha=0.35 if lr == panels["lr"].max() else 0.2, lw=0)
+        label = f"{v}, lr {lr:g}" if len(lrs) > 1 else v
+        i = lrs.index(lr)  # lighter bands and other dashes for each further learning rate
+        kw = dict(color=PALETTE[v], alpha=0.35 / (1 + i), lw=0)
         axes[0].fill_between(p["step"], p["loss_lo"], p["loss_hi"], label=label, **kw)
         axes[1].fill_between(p["step"], p["grad_lo"], p["grad_hi"], label=label, **kw)
-        axes[2].plot(p["step"], p["beta"], color=PALETTE[v], marker=".", label=label)
+        axes[2].plot(p["step"], p["beta"], color=PALETTE[v], marker=".", label=label,
+                     ls=["-", "--", ":", "-."][i % 4])
     axes[0].set(title="loss landscape: L(w - eta g) over eta", ylabel="loss")
     axes[1].set(title="gradient predictiveness: ||g(w - eta g) - g||", ylabel="l2 distance")
     axes[2].set(title="effective beta-smoothness", ylabel="max ||dg|| / ||eta g||")
