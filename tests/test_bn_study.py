@@ -20,6 +20,8 @@ from ablate.vgg import VGG
 from analysis import bn_study
 
 REPO = Path(__file__).resolve().parent.parent
+# Convs with 4-8 channels: on a busy CPU, OpenMP hand-offs between threads cost ~10x the math.
+torch.set_num_threads(1)
 TINY_WIDTHS = "[4,8,8,8,8,8,8,8]"
 TINY = ["data=synthetic", "data.train_size=128", "data.test_size=64", "data.val_size=64",
         "epochs=2", "batch_size=32", f"model.widths={TINY_WIDTHS}", "model.hidden=16",
@@ -158,7 +160,8 @@ def test_a_run_with_the_probe_trains_exactly_like_one_without(tmp_path):
 def sweep(tmp_path: Path, args: list[str]) -> Path:
     out = subprocess.run([sys.executable, "ablate/train.py", "-m", *args, *TINY,
                           f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=REPO, capture_output=True,
-                         text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+                         text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
+                                              "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     return tmp_path / "sweep"
 
