@@ -196,8 +196,8 @@ def report(data: dict[str, pd.DataFrame], threshold: float = 0.5) -> tuple[str, 
     parts = ["## Convergence", _markdown(convergence_table(runs, data["metrics"], threshold))]
     if len(data["metrics"]):
         figs["val_acc"] = plot_val_acc(data["metrics"], runs, threshold)
-    if len(data["steps"]):
-        band = loss_band(data["steps"], runs)
+    band = loss_band(data["steps"], runs) if len(data["steps"]) else None
+    if band is not None and band["runs"].max() > 1:  # a band needs at least two learning rates
         # "early" = the first epoch's steps, whatever the data size
         early = int((data["steps"]["epoch"] == 1).groupby(data["steps"]["run"]).sum().max())
         parts += ["## Training-loss band over learning rates (mean max-min gap)",

@@ -184,6 +184,7 @@ def test_santurkar_study_writes_the_three_landscape_panels(tmp_path):
     root = sweep(tmp_path, ["+experiment=bn_santurkar", "model=vgg_a,vgg_a_bn", "probe.every=2"])
     bn_study.main(["--root", str(root), "--out", str(tmp_path / "report")])
     assert (tmp_path / "report" / "landscape.png").stat().st_size > 0
+    assert not (tmp_path / "report" / "band.png").exists()  # one lr per variant: no band to draw
     data = bn_study.collect(root)
     assert set(data["runs"]["lr"]) == {0.1} and set(data["runs"]["optim"]) == {"sgd"}
     panels = bn_study.landscape_panels(data["landscape"], data["runs"])
