@@ -9,16 +9,20 @@ gradient at w - eta * g. Rows go to landscape.csv (one per step and step size):
     step_norm  ||eta g||                          -> max(grad_dist / step_norm) is the effective
                                                      beta-smoothness
 Parameters, BN buffers and the RNG are restored bit for bit afterwards, so the real step (and
-the rest of the run) is the same as without the probe.
+the rest of the run) is the same as without the probe. The probe looks along the raw gradient
+(as the paper does), whatever the optimizer then does with it, and always runs in fp32.
 """
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
+
+from ablate.record import write_atomic
 
 LANDSCAPE_FILE = "landscape.csv"
 STEPS_FILE = "steps.csv"  # the loop's per-step log; its length says where a resumed run starts
@@ -51,10 +55,11 @@ class LandscapeProbe:
         if self.path.exists():
             with open(self.path, newline="") as fh:
                 kept = [r for r in csv.DictReader(fh) if int(r["step"]) < start]
-        with open(self.path, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(kept)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(kept)
+        write_atomic(self.path, buf.getvalue())
         return start
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
