@@ -153,10 +153,11 @@ def plot_band(band: pd.DataFrame) -> plt.Figure:
 def plot_val_acc(metrics: pd.DataFrame, runs: pd.DataFrame, threshold: float = 0.5) -> plt.Figure:
     df = _with_runs(metrics, runs)
     acc = "val_acc" if df["val_acc"].notna().all() else "test_acc"
+    lrs = ["{:g}".format(lr) for lr in sorted(df["lr"].unique())]
     df["lr"] = df["lr"].map("{:g}".format)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     sns.lineplot(df, x="epoch", y=acc, hue="variant", style="lr", palette=PALETTE, marker="o",
-                 hue_order=_variants(df), ax=ax)
+                 hue_order=_variants(df), style_order=lrs, ax=ax)
     ax.axhline(threshold, color="grey", ls=":", lw=1)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(ylabel=acc.replace("_", " "), title=f"{acc.split('_')[0].title()} accuracy per epoch")
