@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import pickle
+import socket
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -21,6 +22,7 @@ STD = (0.2470, 0.2435, 0.2616)
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 CACHE_VERSION = 1
+DOWNLOAD_TIMEOUT_S = 60
 VERIFY_MD5 = True  # tests turn this off to read tiny hand-made batches
 SPLIT_SEED = 0  # subsets and the validation split are the same for every run seed
 
@@ -147,12 +149,16 @@ def _download(root: Path):
     from torchvision.datasets import CIFAR10
 
     log.info("CIFAR-10 not found in %s; downloading the official archive", root)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # a blocked network fails instead of hanging
     try:
         root.mkdir(parents=True, exist_ok=True)
         CIFAR10(str(root), train=True, download=True)
         CIFAR10(str(root), train=False, download=True)
     except Exception as err:  # network errors come in many types (URLError, OSError, ...)
         raise DataError(_not_found(root, f"the download failed ({type(err).__name__}: {err})")) from None
+    finally:
+        socket.setdefaulttimeout(previous)
     return _read_official(root)
 
 

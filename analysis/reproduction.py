@@ -40,10 +40,9 @@ def _scale_note(runs: pd.DataFrame, seed_epochs: int) -> str:
     notes = []
     if (runs["epochs_run"] < seed_epochs).any():
         notes.append(f"fewer epochs than the seed's {seed_epochs}")
-    images = runs["train_images"].fillna(0) + runs["val_images"].fillna(0) \
-        if "train_images" in runs else pd.Series([FULL_TRAIN_IMAGES])
+    images = runs["train_images"].fillna(0) + runs["val_images"].fillna(0)
     if (images < FULL_TRAIN_IMAGES).any():
-        notes.append(f"training subset ({int(images.min())} images)")
+        notes.append(f"training subset ({int(runs['train_images'].min())} images)")
     if "data_source" in runs and runs["data_source"].eq("synthetic").any():
         notes.append("synthetic data")
     return "reduced scale: " + ", ".join(notes) if notes else "full scale"
