@@ -41,6 +41,10 @@ RULES = {
     "model.filters": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0
                       and all(_positive_int(f) for f in v), "a non-empty list of integers >= 1"),
     "model.width": (_positive_int, "an integer >= 1"),
+    "model.hidden": (_positive_int, "an integer >= 1"),
+    "model.widths": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0
+                     and all(_positive_int(f) for f in v), "a non-empty list of integers >= 1"),
+    "probe.every": (_positive_int, "an integer >= 1"),
     "loss.label_smoothing": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "loss.gamma": (lambda v: _number(v) and v >= 0, "a number >= 0"),
     "model.activation.negative_slope": (lambda v: _number(v) and v >= 0, "a number >= 0"),

@@ -1,6 +1,6 @@
 """BN study analysis: loss band over learning rates, convergence table, Santurkar landscape panels.
 
-    python analysis/bn_study.py --root multirun/2026-01-01/12-00-00 --out reports/bn
+    python analysis/bn_study.py --root multirun/2026-01-01/12-00-00 --out outputs/bn
 
 collect() reads run folders; everything else is a pure function of DataFrames; main() writes
 band.png, val_acc.png, landscape.png (when the probe ran) and bn_study.md.
