@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import inspect
 import json
 import multiprocessing as mp
 import os
@@ -29,7 +28,7 @@ from torch import nn  # noqa: E402
 
 from ablate.data import ImageData, load_cifar10, make_synthetic  # noqa: E402
 from ablate.loop import evaluate, pick_precision, train_one_epoch  # noqa: E402
-from ablate.models import CNN  # noqa: E402
+from ablate.models import CNN, ResNet  # noqa: E402
 from benchmarks import plain  # noqa: E402
 
 
@@ -66,21 +65,12 @@ def load_data(args) -> ImageData:
 
 
 def build_model(args) -> nn.Module:
-    """The seed CNN as conf/model/cnn.yaml builds it, or ablate.resnet's ResNet-18 where it exists."""
+    """The seed CNN as conf/model/cnn.yaml builds it, or the CIFAR ResNet-18 (ReLU)."""
     torch.manual_seed(args.seed)
-    activation = functools.partial(nn.LeakyReLU, negative_slope=0.1)
     if args.model == "cnn":
+        activation = functools.partial(nn.LeakyReLU, negative_slope=0.1)
         return CNN(activation, filters=[int(f) for f in args.filters.split(",")])
-    try:
-        from ablate import resnet
-    except ImportError:
-        raise SystemExit("skipping: --model resnet18 needs ablate/resnet.py, which this checkout lacks")
-    make = getattr(resnet, "ResNet18", None) or getattr(resnet, "resnet18", None)
-    if make is None:
-        raise SystemExit("skipping: ablate.resnet has no ResNet18/resnet18")
-    wanted = {"activation": activation, "num_classes": 10}
-    accepted = inspect.signature(make).parameters
-    return make(**{k: v for k, v in wanted.items() if k in accepted})
+    return ResNet(nn.ReLU)
 
 
 def sync(device: torch.device) -> None:
