@@ -13,6 +13,7 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -56,6 +57,23 @@ def pick_device(name: str, job_num: int | None = None) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} but CUDA is not available here; use device=cpu or auto")
     return torch.device(name)
+
+
+def build(cfg: DictConfig, key: str, *args, **kwargs):
+    """instantiate cfg[key] (calling a _partial_ one with args); a constructor's complaint about a
+    value becomes a one-line ConfigError naming the key instead of Hydra's wrapped traceback."""
+    try:
+        obj = instantiate(cfg[key])
+        return obj(*args, **kwargs) if args or kwargs else obj
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, DataError):
+            raise cause from None
+        if isinstance(cause, (ValueError, TypeError)):
+            raise ConfigError(f"{key}: {cause}") from None
+        raise
+    except (ValueError, TypeError) as err:  # raised when a _partial_ object is finally built
+        raise ConfigError(f"{key}: {err}") from None
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -105,16 +123,16 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str],
     start = time.perf_counter()
     try:
         torch.manual_seed(cfg.seed)
-        data = instantiate(cfg.data).to(device)
-        model = instantiate(cfg.model).to(device)
+        data = build(cfg, "data").to(device)
+        model = build(cfg, "model").to(device)
         precision = pick_precision(cfg.precision, device)
         if precision.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if cfg.get("compile"):
             model.compile()  # in place, so state_dict keys (checkpoints, best weights) do not change
-        loss_fn = instantiate(cfg.loss).to(device)
-        optimizer = instantiate(cfg.optim)(model.parameters())
-        scheduler = instantiate(cfg.sched)(optimizer)
+        loss_fn = build(cfg, "loss").to(device)
+        optimizer = build(cfg, "optim", model.parameters())
+        scheduler = build(cfg, "sched", optimizer)
         record.params = sum(p.numel() for p in model.parameters())
         record.scale, record.data_source = cfg.scale, data.source
         record.train_images, record.val_images, record.test_images = \
@@ -122,10 +140,10 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str],
         log.info("%s | %d params | %d train / %d test images from %s | %s", run_dir,
                  record.params, len(data.train_y), len(data.test_y), data.source, device)
         # An optional per-step hook, built from the config like everything else (see conf/probe/).
-        before_step = instantiate(cfg.probe)(model=model, loss_fn=loss_fn, optimizer=optimizer,
-                                             run_dir=run_dir) if cfg.get("probe") else None
+        before_step = build(cfg, "probe", model=model, loss_fn=loss_fn, optimizer=optimizer,
+                            run_dir=run_dir) if cfg.get("probe") else None
         # Off while swa.start_epoch is null; built after channels_last so its copy matches.
-        swa = instantiate(cfg.swa)(model, optimizer) \
+        swa = build(cfg, "swa", model, optimizer) \
             if cfg.get("swa") and cfg.swa.start_epoch is not None else None
         record.save(run_dir)
         fit(model, data, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,

@@ -92,3 +92,18 @@ def test_unknown_option_lists_the_available_ones(tmp_path):
     assert "Could not find 'loss/nope'" in proc.stderr
     for option in ("ce", "focal", "label_smoothing", "mse"):
         assert f"\t{option}" in proc.stderr
+
+
+def test_missing_data_offline_is_one_clear_line(tmp_path):
+    proc = run_script("ablate/train.py", f"data.root={tmp_path / 'nowhere'}", "data.download=false",
+                      f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: CIFAR-10 not found in ")
+    assert "data.root=" in proc.stderr
+
+
+def test_a_constructor_rejecting_a_value_names_the_group(tmp_path):
+    proc = run_script("ablate/train.py", "data=synthetic", "model.filters=[8,8,8,8,8,8]",
+                      f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: model: model.filters has 6 blocks; at most 5 fit a 32x32 image"
