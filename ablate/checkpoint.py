@@ -22,7 +22,7 @@ def atomic_torch_save(obj, path: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, *, state, model, optimizer, scheduler, generator, device,
-                    swa=None) -> None:
+                    swa=None, scaler=None) -> None:
     atomic_torch_save({
         "state": asdict(state),
         "model": model.state_dict(),
@@ -32,6 +32,7 @@ def save_checkpoint(run_dir: Path, *, state, model, optimizer, scheduler, genera
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "swa": swa.state_dict() if swa is not None else None,  # averaged model + SWALR
+        "scaler": scaler.state_dict() if scaler is not None else None,  # fp16 loss scale
     }, Path(run_dir) / CHECKPOINT_FILE)
 
 

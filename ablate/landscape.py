@@ -22,10 +22,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ablate.loop import STEPS_FILE  # the loop's per-step log; its length says where a resumed run starts
 from ablate.record import write_atomic
 
 LANDSCAPE_FILE = "landscape.csv"
-STEPS_FILE = "steps.csv"  # the loop's per-step log; its length says where a resumed run starts
 COLUMNS = ("step", "multiplier", "eta", "loss0", "loss", "grad_dist", "step_norm", "grad_norm")
 
 

@@ -174,6 +174,8 @@ def fit(model: nn.Module, data: ImageData, *, loss_fn: nn.Module, optimizer, sch
         generator.set_state(ckpt["generator"])
         if swa is not None and ckpt.get("swa") is not None:
             swa.load_state_dict(ckpt["swa"])
+        if precision.scaler is not None and ckpt.get("scaler") is not None:
+            precision.scaler.load_state_dict(ckpt["scaler"])  # fp16's loss scale, as it was
         torch.set_rng_state(ckpt["rng_cpu"])
         if device.type == "cuda" and ckpt.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
@@ -211,10 +213,10 @@ def fit(model: nn.Module, data: ImageData, *, loss_fn: nn.Module, optimizer, sch
         state.epoch = epoch
         state.train_seconds += seconds
         state.train_images += train["images"]
-        if row[best_key] > best_so_far and save_weights:
+        if row[best_key] > best_so_far:
             best_so_far = row[best_key]
-            _save_weights(model, run_dir / BEST_WEIGHTS)
-        best_so_far = max(best_so_far, row[best_key])
+            if save_weights:
+                _save_weights(model, run_dir / BEST_WEIGHTS)
         log.info("epoch %d/%d  train loss %.4f acc %.4f | test loss %.4f acc %.4f%s | lr %.3g | %.1fs",
                  epoch, epochs, train["loss"], train["acc"], test["loss"], test["acc"],
                  f" | val acc {val['acc']:.4f}" if has_val else "", lr, seconds)
@@ -226,7 +228,8 @@ def fit(model: nn.Module, data: ImageData, *, loss_fn: nn.Module, optimizer, sch
         record.images_per_second = state.train_images / max(state.train_seconds, 1e-9)
         record.save(run_dir)
         save_checkpoint(run_dir, state=state, model=model, optimizer=optimizer,
-                        scheduler=scheduler, generator=generator, device=device, swa=swa)
+                        scheduler=scheduler, generator=generator, device=device, swa=swa,
+                        scaler=precision.scaler)
     if swa is not None and state.epoch >= swa.start_epoch:
         record.extra.update(swa.finish(data, batch_size=batch_size, loss_fn=loss_fn,
                                        precision=precision))
