@@ -76,6 +76,19 @@ def build(cfg: DictConfig, key: str, *args, **kwargs):
         raise ConfigError(f"{key}: {err}") from None
 
 
+def apply_scale(cfg: DictConfig) -> None:
+    """A quick look (scale < 1): fewer epochs; epoch-valued settings shrink alike, and the
+    interpolations that use ${epochs} (the cosine period) follow by themselves."""
+    if cfg.scale == 1.0:
+        return
+    def shrink(n: int) -> int:
+        return max(1, round(n * cfg.scale))
+    cfg.epochs = shrink(cfg.epochs)
+    if cfg.get("swa") and cfg.swa.get("start_epoch") is not None:
+        cfg.swa.start_epoch = min(shrink(cfg.swa.start_epoch), cfg.epochs)
+        cfg.swa.anneal_epochs = min(cfg.swa.anneal_epochs, cfg.epochs - cfg.swa.start_epoch + 1)
+
+
 def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(OmegaConf.to_yaml(cfg, resolve=True).encode()).hexdigest()[:16]
 
@@ -100,8 +113,8 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str],
     """Build everything from the config, train (or resume, or skip if done), and write the record."""
     validate(cfg)
     digest = config_hash(cfg)
-    if cfg.scale != 1.0:  # a quick look: fewer epochs, everything else (T_max too) follows
-        cfg.epochs = max(1, round(cfg.epochs * cfg.scale))
+    apply_scale(cfg)
+    validate(cfg)  # again: scaled epochs must still hold e.g. swa.start_epoch
     previous = previous_record(run_dir, digest)
     if previous is not None and previous.status == "completed":
         log.info("%s is already completed (test acc %.4f); skipping", run_dir, previous.final_test_acc)

@@ -79,3 +79,12 @@ def test_every_table_is_one_command_with_seeds_ci_and_a_reproduction_report(tmp_
     assert re.search(r"\| activation +\| LeakyReLU +\| +89\.45 \| +\d+\.\d+ ± \d+\.\d+ +\| +2 \|", repro)
     assert repro.count("reduced scale") == 13  # every table row, labelled as a quick look
     assert re.search(r"\| future work +\| SWA +\| +85\.17 \| not run ", repro)
+
+
+def test_scale_shrinks_the_swa_window_with_the_epochs():
+    from ablate.train import apply_scale
+
+    cfg = compose_cfg(["+experiment=swa", "scale=0.06"])
+    apply_scale(cfg)
+    assert (cfg.epochs, cfg.swa.start_epoch) == (3, 2)
+    validate(cfg)
