@@ -43,8 +43,10 @@ def test_loss_sweep_then_tables_gives_a_four_row_table_and_reruns_skip(tmp_path)
 
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
     sweep = tmp_path / "fail"
-    run_script("ablate/train.py", "-m", *TINY, "model.filters=[8,16,32],[4,4,4,4,4,4],[8,16]",
-               f"hydra.sweep.dir={sweep}")
+    proc = run_script("ablate/train.py", "-m", *TINY, "model.filters=[8,16,32],[4,4,4,4,4,4],[8,16]",
+                      f"hydra.sweep.dir={sweep}", check=False)
+    assert proc.returncode == 1  # the sweep finishes, then says a job failed
+    assert "2 completed, 1 failed" in proc.stdout + proc.stderr
     recs = records(sweep)
     assert [recs[k]["status"] for k in ("0", "1", "2")] == ["completed", "failed", "completed"]
     assert "at most 5" in recs["1"]["error"]
