@@ -218,7 +218,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="where the PNGs and bn_study.md go")
     parser.add_argument("--threshold", type=float, default=0.5, help="accuracy for 'epochs to'")
     args = parser.parse_args(argv)
-    text, figs = report(collect(args.root), args.threshold)
+    try:
+        runs = collect(args.root)
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: {err}; run the study first (see README)") from None
+    text, figs = report(runs, args.threshold)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bn_study.md").write_text(text)
     for name, fig in figs.items():
