@@ -1,6 +1,7 @@
 """CIFAR-10 as uint8 tensors: loading (official pickles, image folders, download), subsets, batches."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import pickle
@@ -279,10 +280,16 @@ def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator) -> t
     return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
+@functools.lru_cache(maxsize=None)
+def _channel_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Made once per device: a host-to-GPU copy every batch would stall the GPU pipeline.
+    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(STD, device=device).view(1, 3, 1, 1))
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float32 standardised with the CIFAR-10 channel statistics."""
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = _channel_stats(x.device)
     return (x.float() / 255 - mean) / std
 
 
