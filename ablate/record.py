@@ -14,15 +14,11 @@ METRICS_FILE = "metrics.csv"
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc",
                   "val_loss", "val_acc", "lr", "seconds")
 
-# Lifecycle: running -> completed | diverged | failed | interrupted
-STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
-
-
 @dataclass
 class RunRecord:
     """Everything analysis needs to know about one run."""
 
-    status: str = "running"
+    status: str = "running"  # -> completed | diverged | failed | interrupted
     choices: dict[str, str] = field(default_factory=dict)   # hydra.runtime.choices, e.g. loss: ce
     overrides: list[str] = field(default_factory=list)      # what the user typed, e.g. loss=ce
     seed: int = 0

@@ -113,8 +113,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str],
     """Build everything from the config, train (or resume, or skip if done), and write the record."""
     validate(cfg)
     digest = config_hash(cfg)
-    apply_scale(cfg)
-    validate(cfg)  # again: scaled epochs must still hold e.g. swa.start_epoch
+    apply_scale(cfg)  # keeps what validate checked true (e.g. swa.start_epoch <= epochs)
     previous = previous_record(run_dir, digest)
     if previous is not None and previous.status == "completed":
         log.info("%s is already completed (test acc %.4f); skipping", run_dir, previous.final_test_acc)
