@@ -1,7 +1,9 @@
 """The typed run record (result.json) and per-epoch metrics (metrics.csv), written atomically."""
 from __future__ import annotations
 
+import copy
 import csv
+import hashlib
 import io
 import json
 import os
@@ -11,6 +13,26 @@ from typing import Any
 
 RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.csv"
+# Keys that say where or how a run executes, not what it computes. They are recorded but kept
+# out of a run's identity: re-running a finished sweep with more threads or another launcher is
+# the same experiment (thread counts change CPU float rounding, which is noise, not a setting).
+OPERATIONAL_KEYS = ("device", "threads", "cuda_memory_fraction", "compile", "save_weights",
+                    "log_steps", "data.download")
+
+
+def identity(config: dict) -> str:
+    """A short hash of a resolved run config's result-affecting settings (seed included)."""
+    kept = copy.deepcopy({k: v for k, v in config.items() if k != "hydra"})
+    for key in OPERATIONAL_KEYS:
+        *parents, last = key.split(".")
+        node = kept
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc",
                   "val_loss", "val_acc", "lr", "seconds")
 
