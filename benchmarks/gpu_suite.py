@@ -80,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.device = args.device or ("cpu" if dry or not torch.cuda.is_available() else "cuda")
     args.budget_s = args.budget_s or (60.0 if dry else 420.0)
     args.stage1_s = args.stage1_s if args.stage1_s is not None else \
-        min(150.0, (0.4 if dry else 0.3) * args.budget_s)
+        min(150.0, (0.5 if dry else 0.3) * args.budget_s)
     args.images = args.images or (256 if dry else 10_240)
     args.concurrency = [int(n) for n in (args.concurrency or ("1,2" if dry else "1,2,4,8")).split(",")
                         if n.strip()]

@@ -195,16 +195,11 @@ def fused_worker(n: int, s: Settings, results) -> None:
 
 # ----------------------------------------------------------------------------- running children
 
-def run_children(targets: list[tuple], deadline: float) -> tuple[list[dict], bool]:
-    """Start one spawned process per (function, args...); gather what they send until each has
-    finished or the deadline passes, then stop the rest. Returns (results, whether all finished)."""
-    ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
-    results = ctx.Queue()
-    procs = [ctx.Process(target=fn, args=(*args, results), daemon=False) for fn, *args in targets]
-    for p in procs:
-        p.start()
+def gather(results, procs, expected: int, deadline: float) -> tuple[list[dict], bool]:
+    """What the children send until `expected` of them have said they are done (a None), or the
+    deadline passes, or they all died. Returns (results, whether all finished)."""
     got, done = [], 0
-    while done < len(procs) and time.monotonic() < deadline:
+    while done < expected and time.monotonic() < deadline:
         try:
             item = results.get(timeout=min(1.0, max(0.01, deadline - time.monotonic())))
         except queue_module.Empty:
@@ -215,9 +210,54 @@ def run_children(targets: list[tuple], deadline: float) -> tuple[list[dict], boo
             done += 1
         else:
             got.append(item)
-    finished = done == len(procs)
+    return got, done == expected
+
+
+def run_children(targets: list[tuple], deadline: float) -> tuple[list[dict], bool]:
+    """One spawned process per (function, args...), all at once; stopped at the deadline."""
+    ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
+    results = ctx.Queue()
+    procs = [ctx.Process(target=fn, args=(*args, results)) for fn, *args in targets]
+    for p in procs:
+        p.start()
+    got, finished = gather(results, procs, len(procs), deadline)
     stop(procs)
     return got, finished
+
+
+def serve(tasks, results) -> None:
+    """A worker process's loop: run (function, args) tasks until told to stop (a None)."""
+    for fn, args in iter(tasks.get, None):
+        fn(*args, results)  # each function ends by sending None itself
+
+
+class Worker:
+    """One spawned process that measures one task after another, so torch and CUDA start once;
+    a task that overruns its deadline takes the process with it and the next task gets a new one."""
+
+    def __init__(self):
+        self.proc = None
+
+    def run(self, fn, args: tuple, deadline: float) -> tuple[list[dict], bool]:
+        if self.proc is None:
+            ctx = mp.get_context("spawn")
+            # fresh queues too: a process killed while writing can leave a queue unusable
+            self.tasks, self.results = ctx.Queue(), ctx.Queue()
+            self.proc = ctx.Process(target=serve, args=(self.tasks, self.results))
+            self.proc.start()
+        self.tasks.put((fn, args))
+        got, finished = gather(self.results, [self.proc], 1, deadline)
+        if not finished:
+            self.close()
+        return got, finished
+
+    def close(self) -> None:
+        if self.proc is not None:
+            if self.proc.is_alive():
+                self.tasks.put(None)
+                self.proc.join(timeout=2)
+            stop([self.proc])
+            self.proc = None
 
 
 def stop(procs) -> None:
@@ -247,10 +287,10 @@ def run_stage(s: Settings, seconds: float, concurrency: list[int], log=print) ->
         out["skipped"].append("torch.compile: not measured (--dry-run)")
     cores = os.cpu_count() or 1
 
-    tasks = [("pipelines", "cnn", 0.3), ("concurrent", "cnn", 0.25)]
+    tasks = [("pipelines", "cnn", 0.35), ("concurrent", "cnn", 0.3)]
     tasks += [("pipelines", m, 0.1) for m in ("cnn_wide", "resnet18", "vgg_a")]
-    tasks += [("fused", "cnn", 0.15)]
-    planned = start
+    tasks += [("fused", "cnn", 0.05)]
+    planned, worker = start, Worker()
     for kind, name, share in tasks:
         planned += share * seconds
         deadline = min(end, max(planned, time.monotonic() + 0.05 * seconds))
@@ -259,7 +299,7 @@ def run_stage(s: Settings, seconds: float, concurrency: list[int], log=print) ->
             continue
         t0 = time.monotonic()
         if kind == "pipelines":
-            rows, finished = run_children([(pipelines_worker, name, s)], deadline)
+            rows, finished = worker.run(pipelines_worker, (name, s), deadline)
             out["pipelines"] += [r for r in rows if "error" not in r]
             out["skipped"] += [f"pipelines {name}: {r['error'].strip().splitlines()[-1]}"
                                for r in rows if "error" in r]
@@ -289,7 +329,7 @@ def run_stage(s: Settings, seconds: float, concurrency: list[int], log=print) ->
                                       "not in this checkout")
                 continue
             for n in concurrency:
-                rows, finished = run_children([(fused_worker, n, s)], deadline)
+                rows, finished = worker.run(fused_worker, (n, s), deadline)
                 out["fused"] += [r for r in rows if "error" not in r]
                 out["skipped"] += [f"fused x{n}: {r['error'].strip().splitlines()[-1]}"
                                    for r in rows if "error" in r]
@@ -297,6 +337,7 @@ def run_stage(s: Settings, seconds: float, concurrency: list[int], log=print) ->
                     out["skipped"].append(f"fused x{n}: over its share, stopped")
                     break
         log(f"stage 1: {kind} {name} in {time.monotonic() - t0:.1f} s")
+    worker.close()
     plain_rate = {r["model"]: r["images_per_s"] for r in out["pipelines"] if r["pipeline"] == "plain"}
     for r in out["pipelines"]:
         r["x_plain"] = r["images_per_s"] / plain_rate[r["model"]] if r["model"] in plain_rate else None

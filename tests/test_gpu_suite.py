@@ -84,29 +84,44 @@ def test_compile_only_where_its_warm_up_pays_off_and_slots_from_the_best_aggrega
 
 def test_dry_run_writes_its_files_and_tables(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    # two tables and room to spare: done in well under a minute on two idle cores
+    # Two tables, done in about a minute on two idle cores; the budget leaves room for a busy
+    # machine (the suite ends when its work is done, not when the budget is). On a very busy one
+    # the later measurements and rows are skipped, as on a GPU that runs out of time.
     run_script("benchmarks/gpu_suite.py", "--dry-run", "--out", str(out), "--work", str(work),
-               "--tables", "activation,swa", "--budget-s", "110", "--stage1-s", "40", timeout=240)
+               "--tables", "activation,swa", "--budget-s", "160", "--stage1-s", "80", timeout=300)
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and all((out / f).stat().st_size < 200_000 for f in files), files
     assert {"results.json", "throughput.md", "throughput.png", "tables.md",
             "reproduction.md"} <= set(files)
     result = json.loads((out / "results.json").read_text())
-    measured = {(r["model"], r["pipeline"]) for r in result["speed"]["pipelines"]}
+    speed = result["speed"]
+    measured = {(r["model"], r["pipeline"]) for r in speed["pipelines"]}
     assert ("cnn", "plain") in measured and ("cnn", "project") in measured
-    assert all(r["images_per_s"] > 0 and r["peak_mem_mb"] is None for r in result["speed"]["pipelines"])
-    assert [c["runs"] for c in result["speed"]["concurrent"]] == [1, 2]
-    assert any("fused" in s for s in result["speed"]["skipped"])  # ablate.fused is not here
-    assert [u["status"] for u in result["units"]] == ["finished"] * 4
-    assert sorted(r["run"] for r in result["runs"]) == sorted(
-        [f"activation/{a}_s{s}" for a in ("leaky_relu", "relu", "elu") for s in (0, 1, 2)] +
-        [f"swa/swa_s{s}" for s in (0, 1, 2)])
+    assert all(r["images_per_s"] > 0 and r["peak_mem_mb"] is None for r in speed["pipelines"])
+    assert [c["runs"] for c in speed["concurrent"]][:1] == [1]
+    assert any("fused" in s for s in speed["skipped"])  # ablate.fused is not in this checkout
+    for model in ("cnn_wide", "resnet18", "vgg_a"):  # measured, or listed as not measured
+        assert (model, "project") in measured or any(model in s for s in speed["skipped"])
+    assert result["plan"]["slots"] >= 1 and result["plan"]["compile"] == {"activation": False,
+                                                                          "swa": False}
+
+    units = result["units"]
+    assert [(u["table"], u["row"]) for u in units] == [
+        ("activation", "leaky_relu"), ("activation", "relu"), ("activation", "elu"), ("swa", "swa")]
+    assert units[0]["status"] == "finished"
+    assert all(u["status"] == "finished" or u["status"] == "skipped" and "left" in u["why"]
+               for u in units)
+    finished = [f"{u['table']}/{u['row']}_s{s}" for u in units if u["status"] == "finished"
+                for s in u["seeds"]]
+    assert sorted(r["run"] for r in result["runs"]) == sorted(finished)
     assert all(r["status"] == "completed" and r["epochs_run"] == 1 for r in result["runs"])
-    assert result["runs"][-1]["swa_test_acc"] is not None
-    assert len(result["tables"]["activation"]) == 3
+    assert all(r["swa_test_acc"] is not None for r in result["runs"] if r["run"].startswith("swa/"))
+
+    assert len(result["tables"]["activation"]) == sum(u["status"] == "finished" for u in units[:3])
     repro = {r["Row"]: r for r in result["reproduction"]}
-    assert repro["ReLU"]["n"] == 3 and repro["SWA"]["n"] == 3 and repro["SGD"]["n"] == 0
+    assert repro["LeakyReLU"]["n"] == 3 and repro["SGD"]["n"] == 0
     tables = (out / "tables.md").read_text()
-    assert "### activation" in tables and "### swa" in tables and "leaky_relu" in tables
+    assert "### runs/activation" in tables and "leaky_relu" in tables
+    assert "![training curves](curves_activation.png)" in tables and "curves_activation.png" in files
     assert "synthetic data" in (out / "reproduction.md").read_text()  # labelled reduced scale
     assert "seed CNN" in (out / "throughput.md").read_text()
