@@ -29,6 +29,7 @@ import os  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -45,7 +46,7 @@ from benchmarks.throughput import markdown  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_CURVE_PNGS = 3       # with results.json, 2 markdown tables, 2 more markdown, 1 speed PNG: 8 files
-ANALYSIS_RESERVE_S = 15  # kept free at the end for the last tables
+ANALYSIS_S = 15          # kept free at the end for the last tables (analysis/make_tables.py)
 STARTUP_S = 8.0          # a train.py process before its first epoch (imports, data, CUDA), first guess
 
 
@@ -143,6 +144,13 @@ def choose_compile(stage1: dict, model: str, epochs: int) -> bool:
         eager["setup_s"] + epochs * eager["s_per_50k"]
 
 
+def compile_setup_s(stage1: dict, model: str) -> float:
+    """torch.compile's warm-up for `model`; unmeasured: the longest measured for any model."""
+    row = pipeline_row(stage1, model, "compiled")
+    return row["setup_s"] if row else max(
+        (r["setup_s"] for r in stage1["pipelines"] if r["pipeline"] == "compiled"), default=60.0)
+
+
 def concurrency_efficiency(stage1: dict, slots: int) -> float:
     """Each run's speed at `slots` runs at once relative to running alone (measured on the seed CNN)."""
     by_n = {c["runs"]: c["aggregate_images_per_s"] for c in stage1["concurrent"]}
@@ -185,7 +193,7 @@ def estimate(args, the_plan: dict, stage1: dict, unit: accuracy.Unit) -> float:
     train = args.train_size or 50_000
     test = args.test_size or 10_000
     epoch_s = (train + test / 3) / rate  # evaluation: a forward pass, about a third of a step
-    setup = 1.5 * pipeline_row(stage1, row.model, "compiled")["setup_s"] if compile else 0.0
+    setup = 1.5 * compile_setup_s(stage1, row.model) if compile else 0.0
     epochs = max(1, round(row.epochs * args.scale))
     return STARTUP_S + len(unit.seeds) * (setup + epochs * epoch_s)
 
@@ -235,15 +243,18 @@ class Analysis:
         self.runs = 0
 
     def request(self, tables: list[str]) -> None:
-        self.tables, self.wanted = list(tables), True
+        if tables:  # nothing to tabulate before a table has runs
+            self.tables, self.wanted = list(tables), True
         self.poll()
 
     def commands(self) -> list[list[str]]:
-        roots = [a for t in self.tables for a in ("--root", f"runs/{t}")]
-        cmds = [[sys.executable, str(REPO / "analysis" / "make_tables.py"), *roots, "--out", "analysis"]]
+        # run in <work>/runs, so that the tables are titled by the table's folder name
+        roots = [a for t in self.tables for a in ("--root", t)]
+        cmds = [[sys.executable, str(REPO / "analysis" / "make_tables.py"), *roots,
+                 "--out", "../analysis"]]
         if "bn_study" in self.tables:
             cmds.append([sys.executable, str(REPO / "analysis" / "bn_study.py"),
-                         "--root", "runs/bn_study", "--out", "analysis/bn"])
+                         "--root", "bn_study", "--out", "../analysis/bn"])
         return cmds
 
     def poll(self) -> None:
@@ -259,7 +270,7 @@ class Analysis:
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(
                 [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
             with open(self.work / "logs" / "analysis.log", "a") as fh:
-                self.proc = subprocess.Popen(self.queued.pop(0), cwd=self.work, env=env,
+                self.proc = subprocess.Popen(self.queued.pop(0), cwd=self.work / "runs", env=env,
                                              stdout=fh, stderr=subprocess.STDOUT)
 
     def finish(self, timeout_s: float) -> None:
@@ -288,7 +299,7 @@ class Analysis:
             png = src / match.group(1)
             if copied < MAX_CURVE_PNGS and png.exists():
                 copied += 1
-                name = f"curves_{png.stem.removeprefix('runs_')}.png"
+                name = f"curves_{png.stem}.png"
                 shutil.copyfile(png, self.out / name)
                 return f"![training curves]({name})"
             return f"(training curves: {png} in the work folder)"
@@ -386,8 +397,14 @@ def tables_summary(work: Path, tables: list[str]) -> dict:
 
 # ----------------------------------------------------------------------------- main
 
+def stop_on_sigterm(signum, frame):
+    # a timeout's SIGTERM: leave through the `finally`s, which stop the runs and write what exists
+    raise SystemExit(143)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu_suite_"))
     (work / "logs").mkdir(parents=True, exist_ok=True)
@@ -422,13 +439,14 @@ def main(argv=None) -> int:
         result["data_cache_s"] = round(time.monotonic() - t, 1)
     units = accuracy.make_units(args.tables, args.seeds, args.seeds_per_process)
     analysis = Analysis(work, args.out)
+    grace_s = 5.0 if args.dry_run else 15.0  # for a stopped run to save its record
     pool = accuracy.Pool(
-        units, the_plan["slots"], deadline=T0 + args.budget_s - ANALYSIS_RESERVE_S, work=work,
+        units, the_plan["slots"], deadline=T0 + args.budget_s - grace_s - ANALYSIS_S, work=work,
         make_command=lambda u: unit_command(args, the_plan, work, u),
         estimate=lambda u: estimate(args, the_plan, stage1, u),
         on_table_done=lambda t: (analysis.request(
             [d for d in pool.tables_done if (work / "runs" / d).is_dir()]), save()),
-        on_tick=analysis.poll, log=log, grace_s=5.0 if args.dry_run else 15.0)
+        on_tick=analysis.poll, log=log, grace_s=grace_s)
     try:
         pool.run()
     finally:

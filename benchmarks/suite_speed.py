@@ -218,11 +218,12 @@ def run_children(targets: list[tuple], deadline: float) -> tuple[list[dict], boo
     ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
     results = ctx.Queue()
     procs = [ctx.Process(target=fn, args=(*args, results)) for fn, *args in targets]
-    for p in procs:
-        p.start()
-    got, finished = gather(results, procs, len(procs), deadline)
-    stop(procs)
-    return got, finished
+    try:
+        for p in procs:
+            p.start()
+        return gather(results, procs, len(procs), deadline)
+    finally:  # also when the suite itself is stopped
+        stop(procs)
 
 
 def serve(tasks, results) -> None:
@@ -246,10 +247,13 @@ class Worker:
             self.proc = ctx.Process(target=serve, args=(self.tasks, self.results))
             self.proc.start()
         self.tasks.put((fn, args))
-        got, finished = gather(self.results, [self.proc], 1, deadline)
-        if not finished:
-            self.close()
-        return got, finished
+        finished = False
+        try:
+            got, finished = gather(self.results, [self.proc], 1, deadline)
+            return got, finished
+        finally:  # overran, or the suite itself is stopped
+            if not finished:
+                self.close()
 
     def close(self) -> None:
         if self.proc is not None:
@@ -273,6 +277,53 @@ def stop(procs) -> None:
 
 # ----------------------------------------------------------------------------- the stage
 
+def last_line(error: str) -> str:
+    return error.strip().splitlines()[-1]
+
+
+def measure_pipelines(name: str, s: Settings, worker: Worker, deadline: float, out: dict) -> None:
+    t0 = time.monotonic()
+    rows, finished = worker.run(pipelines_worker, (name, s), deadline)
+    out["pipelines"] += [r for r in rows if "error" not in r]
+    out["skipped"] += [f"pipelines {name}: {last_line(r['error'])}" for r in rows if "error" in r]
+    missing = [p for p in s.pipelines() if not any(r.get("pipeline") == p for r in rows)]
+    if missing and not finished:
+        out["skipped"].append(f"pipelines {name} {'/'.join(missing)}: over its "
+                              f"{deadline - t0:.0f} s share, stopped")
+
+
+def measure_concurrent(name: str, s: Settings, counts: list[int], deadline: float, out: dict) -> None:
+    cores = os.cpu_count() or 1
+    for n in counts:
+        if time.monotonic() >= deadline:
+            out["skipped"].append(f"concurrent {name} x{n}: over its share")
+            continue
+        threads = max(1, cores // n)
+        barrier = mp.get_context("spawn").Barrier(n)
+        rows, finished = run_children(
+            [(concurrent_worker, name, s, rank, threads, barrier) for rank in range(n)], deadline)
+        errors = [r["error"] for r in rows if "error" in r]
+        if finished and not errors and len(rows) == n:
+            out["concurrent"].append(summarize_concurrent(name, n, threads, rows))
+        else:
+            why = last_line(errors[0]) if errors else "over its share, stopped"
+            out["skipped"].append(f"concurrent {name} x{n}: {why}")
+
+
+def measure_fused(s: Settings, counts: list[int], worker: Worker, deadline: float, out: dict) -> None:
+    if not fused_available():
+        out["skipped"].append("fused members: ablate.fused (and throughput.measure_fused) "
+                              "not in this checkout")
+        return
+    for n in counts:
+        rows, finished = worker.run(fused_worker, (n, s), deadline)
+        out["fused"] += [r for r in rows if "error" not in r]
+        out["skipped"] += [f"fused x{n}: {last_line(r['error'])}" for r in rows if "error" in r]
+        if not finished:
+            out["skipped"].append(f"fused x{n}: over its share, stopped")
+            return
+
+
 def run_stage(s: Settings, seconds: float, concurrency: list[int], log=print) -> dict:
     """Measure in priority order within `seconds`; whatever does not fit is listed as skipped.
 
@@ -285,59 +336,28 @@ def run_stage(s: Settings, seconds: float, concurrency: list[int], log=print) ->
     out = {"settings": vars(s).copy(), "pipelines": [], "concurrent": [], "fused": [], "skipped": []}
     if not s.compile:
         out["skipped"].append("torch.compile: not measured (--dry-run)")
-    cores = os.cpu_count() or 1
-
     tasks = [("pipelines", "cnn", 0.35), ("concurrent", "cnn", 0.3)]
     tasks += [("pipelines", m, 0.1) for m in ("cnn_wide", "resnet18", "vgg_a")]
     tasks += [("fused", "cnn", 0.05)]
     planned, worker = start, Worker()
-    for kind, name, share in tasks:
-        planned += share * seconds
-        deadline = min(end, max(planned, time.monotonic() + 0.05 * seconds))
-        if time.monotonic() >= end:
-            out["skipped"].append(f"{kind} {name}: stage 1 time used up")
-            continue
-        t0 = time.monotonic()
-        if kind == "pipelines":
-            rows, finished = worker.run(pipelines_worker, (name, s), deadline)
-            out["pipelines"] += [r for r in rows if "error" not in r]
-            out["skipped"] += [f"pipelines {name}: {r['error'].strip().splitlines()[-1]}"
-                               for r in rows if "error" in r]
-            missing = [p for p in s.pipelines() if not any(r.get("pipeline") == p for r in rows)]
-            if missing and not finished:
-                out["skipped"].append(f"pipelines {name} {'/'.join(missing)}: over its "
-                                      f"{deadline - t0:.0f} s share, stopped")
-        elif kind == "concurrent":
-            for n in concurrency:
-                if time.monotonic() >= deadline:
-                    out["skipped"].append(f"concurrent {name} x{n}: over its share")
-                    continue
-                threads = max(1, cores // n)
-                ctx_barrier = mp.get_context("spawn").Barrier(n)
-                rows, finished = run_children(
-                    [(concurrent_worker, name, s, rank, threads, ctx_barrier) for rank in range(n)],
-                    deadline)
-                errors = [r["error"] for r in rows if "error" in r]
-                if finished and not errors and len(rows) == n:
-                    out["concurrent"].append(summarize_concurrent(name, n, threads, rows))
-                else:
-                    why = errors[0].strip().splitlines()[-1] if errors else "over its share, stopped"
-                    out["skipped"].append(f"concurrent {name} x{n}: {why}")
-        elif kind == "fused":
-            if not fused_available():
-                out["skipped"].append("fused members: ablate.fused (and throughput.measure_fused) "
-                                      "not in this checkout")
+    try:
+        for kind, name, share in tasks:
+            planned += share * seconds
+            deadline = min(end, max(planned, time.monotonic() + 0.05 * seconds))
+            if time.monotonic() >= end:
+                out["skipped"].append(f"{kind} {name}: stage 1 time used up")
                 continue
-            for n in concurrency:
-                rows, finished = worker.run(fused_worker, (n, s), deadline)
-                out["fused"] += [r for r in rows if "error" not in r]
-                out["skipped"] += [f"fused x{n}: {r['error'].strip().splitlines()[-1]}"
-                                   for r in rows if "error" in r]
-                if not finished:
-                    out["skipped"].append(f"fused x{n}: over its share, stopped")
-                    break
-        log(f"stage 1: {kind} {name} in {time.monotonic() - t0:.1f} s")
-    worker.close()
+            t0 = time.monotonic()
+            if kind == "pipelines":
+                measure_pipelines(name, s, worker, deadline, out)
+            elif kind == "concurrent":
+                measure_concurrent(name, s, concurrency, deadline, out)
+            else:
+                measure_fused(s, concurrency, worker, deadline, out)
+            log(f"stage 1: {kind} {name} in {time.monotonic() - t0:.1f} s ({len(out['pipelines'])} "
+                f"pipelines, {len(out['concurrent'])} concurrency rows so far)")
+    finally:  # also when the suite itself is stopped
+        worker.close()
     plain_rate = {r["model"]: r["images_per_s"] for r in out["pipelines"] if r["pipeline"] == "plain"}
     for r in out["pipelines"]:
         r["x_plain"] = r["images_per_s"] / plain_rate[r["model"]] if r["model"] in plain_rate else None

@@ -121,7 +121,7 @@ def test_dry_run_writes_its_files_and_tables(tmp_path):
     repro = {r["Row"]: r for r in result["reproduction"]}
     assert repro["LeakyReLU"]["n"] == 3 and repro["SGD"]["n"] == 0
     tables = (out / "tables.md").read_text()
-    assert "### runs/activation" in tables and "leaky_relu" in tables
+    assert "### activation" in tables and "leaky_relu" in tables
     assert "![training curves](curves_activation.png)" in tables and "curves_activation.png" in files
     assert "synthetic data" in (out / "reproduction.md").read_text()  # labelled reduced scale
     assert "seed CNN" in (out / "throughput.md").read_text()
