@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stage1-s", type=float, default=None,
                    help="seconds for the speed stage (default: 30%% of the budget, at most 150)")
     p.add_argument("--images", type=int, default=None,
-                   help="stage 1: training images per timed epoch (default 10240; 256 dry)")
+                   help="stage 1: training images per timed epoch (default 10240; 128 dry)")
     p.add_argument("--concurrency", default=None, help="stage 1: runs at once (default 1,2,4,8; 1,2 dry)")
     p.add_argument("--tables", default=",".join(accuracy.TABLES),
                    help="stage 2: tables in order (default: all, in the issue's order)")
@@ -82,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.budget_s = args.budget_s or (60.0 if dry else 420.0)
     args.stage1_s = args.stage1_s if args.stage1_s is not None else \
         min(150.0, (0.5 if dry else 0.3) * args.budget_s)
-    args.images = args.images or (256 if dry else 10_240)
+    args.images = args.images or (128 if dry else 10_240)
     args.concurrency = [int(n) for n in (args.concurrency or ("1,2" if dry else "1,2,4,8")).split(",")
                         if n.strip()]
     args.tables = [t for t in args.tables.split(",") if t.strip()]
@@ -313,7 +313,9 @@ class Analysis:
 def speed_markdown(stage1: dict, the_plan: dict | None, device: str) -> str:
     """throughput.md: the pipelines per model, N runs at once, fused members, and what was chosen."""
     dtype = "bf16, channels_last" if device != "cpu" else "fp32"
-    names = {"plain": f"plain PyTorch (PIL + DataLoader x{stage1['settings']['workers']}, fp32)",
+    workers = stage1["settings"]["workers"]
+    loader = f"DataLoader x{workers}" if workers else "DataLoader, no workers"
+    names = {"plain": f"plain PyTorch (PIL + {loader}, fp32)",
              "project": f"this project ({dtype})", "compiled": f"this project ({dtype}) + torch.compile"}
     rows = [{**r, "model": speed.MODELS[r["model"]], "pipeline": names[r["pipeline"]],
              "peak": "n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:,.0f}",
@@ -420,7 +422,7 @@ def main(argv=None) -> int:
         f"run folders in {work}")
     settings = speed.Settings(device=args.device, images=args.images, tiny=args.dry_run,
                               epochs=1 if args.dry_run else 2, compile=not args.dry_run,
-                              workers=1 if args.dry_run else min(16, os.cpu_count() or 1))
+                              workers=0 if args.dry_run else min(16, os.cpu_count() or 1))
     stage1 = speed.run_stage(settings, min(args.stage1_s, left(args)), args.concurrency, log=log)
     result["speed"] = stage1
     the_plan = plan(args, stage1)

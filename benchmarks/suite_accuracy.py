@@ -72,7 +72,8 @@ class Unit:
 
     row: Row
     seeds: tuple[int, ...]
-    estimate_s: float = 0.0
+    estimate_s: float = 0.0   # from stage 1, times the calibration when it was started
+    raw_estimate_s: float = 0.0
     status: str = "pending"   # -> skipped | running | finished | stopped
     why: str = ""
     started: float | None = None
@@ -129,13 +130,16 @@ class Pool:
         (work / "logs").mkdir(parents=True, exist_ok=True)
 
     def calibration(self) -> float:
-        """Mean ratio of actual to estimated duration so far (1 before any unit has finished)."""
+        """Mean ratio of actual to stage-1 estimated duration so far (1 before any unit finished):
+        it corrects for what stage 1 cannot see (start-up, evaluation, a busy machine)."""
         return sum(self.ratios) / len(self.ratios) if self.ratios else 1.0
 
     def start(self, unit: Unit) -> None:
         log_file = open(self.work / "logs" / f"{unit.row.table}_{unit.run_dirs[0]}.log", "w")
         # own process group: stopping it also stops anything the launcher started
-        unit.proc = subprocess.Popen(self.make_command(unit), cwd=REPO, stdout=log_file,
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(  # this checkout's ablate, installed or not
+            [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        unit.proc = subprocess.Popen(self.make_command(unit), cwd=REPO, env=env, stdout=log_file,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         log_file.close()
         unit.status, unit.started = "running", time.monotonic()
@@ -147,7 +151,7 @@ class Pool:
         unit.seconds = time.monotonic() - unit.started
         if unit.status == "running":
             unit.status = "finished"
-            self.ratios.append(unit.seconds / max(unit.estimate_s, 1e-3))
+            self.ratios.append(unit.seconds / max(unit.raw_estimate_s, 1e-3))
         self.log(f"stage 2: {unit.status} {unit.row.table}/{unit.row.name} seeds "
                  f"{list(unit.seeds)} in {unit.seconds:.0f} s (exit {unit.returncode})")
 
@@ -180,7 +184,8 @@ class Pool:
                 return
             if unit.status != "pending":
                 continue
-            unit.estimate_s = self.estimate(unit) * self.calibration()
+            unit.raw_estimate_s = self.estimate(unit)
+            unit.estimate_s = unit.raw_estimate_s * self.calibration()
             left = self.deadline - time.monotonic()
             if unit.estimate_s > left:
                 unit.status = "skipped"

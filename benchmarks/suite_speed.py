@@ -48,9 +48,6 @@ class Settings:
     tiny: bool = False    # --dry-run: small models of the same families
     compile: bool = True  # also measure torch.compile (off for --dry-run: minutes on a CPU)
 
-    def pipelines(self) -> tuple[str, ...]:
-        return PIPELINES if self.compile else PIPELINES[:2]
-
 
 def build(name: str, tiny: bool) -> nn.Module:
     """The model as the configs build it (conf/model/*.yaml), or a tiny one of the same kind."""
@@ -122,11 +119,11 @@ def measure_pipeline(name: str, pipeline: str, data, s: Settings) -> dict:
             "peak_mem_mb": peak_mb(device)}
 
 
-def pipelines_worker(name: str, s: Settings, results) -> None:
-    """Child process: every pipeline of one model, each result sent back as soon as it exists."""
+def pipelines_worker(name: str, pipelines: tuple[str, ...], s: Settings, results) -> None:
+    """Child process: some pipelines of one model, each result sent back as soon as it exists."""
     try:
         data = make_synthetic(train_size=s.images, test_size=256, seed=0)
-        for pipeline in s.pipelines():
+        for pipeline in pipelines:
             results.put(measure_pipeline(name, pipeline, data, s))
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -227,7 +224,9 @@ def run_children(targets: list[tuple], deadline: float) -> tuple[list[dict], boo
 
 
 def serve(tasks, results) -> None:
-    """A worker process's loop: run (function, args) tasks until told to stop (a None)."""
+    """A worker process's loop: say it is ready (its imports are done), then run (function,
+    args) tasks until told to stop (a None)."""
+    results.put(None)
     for fn, args in iter(tasks.get, None):
         fn(*args, results)  # each function ends by sending None itself
 
@@ -239,13 +238,21 @@ class Worker:
     def __init__(self):
         self.proc = None
 
+    def start(self, deadline: float) -> bool:
+        """Start the process and wait until it has imported everything; False if it could not."""
+        ctx = mp.get_context("spawn")
+        # fresh queues too: a process killed while writing can leave a queue unusable
+        self.tasks, self.results = ctx.Queue(), ctx.Queue()
+        self.proc = ctx.Process(target=serve, args=(self.tasks, self.results))
+        self.proc.start()
+        _, ready = gather(self.results, [self.proc], 1, deadline)
+        if not ready:
+            self.close()
+        return ready
+
     def run(self, fn, args: tuple, deadline: float) -> tuple[list[dict], bool]:
-        if self.proc is None:
-            ctx = mp.get_context("spawn")
-            # fresh queues too: a process killed while writing can leave a queue unusable
-            self.tasks, self.results = ctx.Queue(), ctx.Queue()
-            self.proc = ctx.Process(target=serve, args=(self.tasks, self.results))
-            self.proc.start()
+        if self.proc is None and not self.start(deadline):
+            return [], False
         self.tasks.put((fn, args))
         finished = False
         try:
@@ -281,12 +288,13 @@ def last_line(error: str) -> str:
     return error.strip().splitlines()[-1]
 
 
-def measure_pipelines(name: str, s: Settings, worker: Worker, deadline: float, out: dict) -> None:
+def measure_pipelines(name: str, pipelines: tuple[str, ...], s: Settings, worker: Worker,
+                      deadline: float, out: dict) -> None:
     t0 = time.monotonic()
-    rows, finished = worker.run(pipelines_worker, (name, s), deadline)
+    rows, finished = worker.run(pipelines_worker, (name, pipelines, s), deadline)
     out["pipelines"] += [r for r in rows if "error" not in r]
     out["skipped"] += [f"pipelines {name}: {last_line(r['error'])}" for r in rows if "error" in r]
-    missing = [p for p in s.pipelines() if not any(r.get("pipeline") == p for r in rows)]
+    missing = [p for p in pipelines if not any(r.get("pipeline") == p for r in rows)]
     if missing and not finished:
         out["skipped"].append(f"pipelines {name} {'/'.join(missing)}: over its "
                               f"{deadline - t0:.0f} s share, stopped")
@@ -295,7 +303,7 @@ def measure_pipelines(name: str, s: Settings, worker: Worker, deadline: float, o
 def measure_concurrent(name: str, s: Settings, counts: list[int], deadline: float, out: dict) -> None:
     cores = os.cpu_count() or 1
     for n in counts:
-        if time.monotonic() >= deadline:
+        if time.monotonic() >= deadline - 1:  # not worth starting processes only to stop them
             out["skipped"].append(f"concurrent {name} x{n}: over its share")
             continue
         threads = max(1, cores // n)
@@ -327,34 +335,42 @@ def measure_fused(s: Settings, counts: list[int], worker: Worker, deadline: floa
 def run_stage(s: Settings, seconds: float, concurrency: list[int], log=print) -> dict:
     """Measure in priority order within `seconds`; whatever does not fit is listed as skipped.
 
-    Order: the seed CNN's pipelines, then N runs of it at once (what stage 2 needs to choose its
-    path), then the other three models, then fused members. Each task gets a share of the time;
-    a share left unused passes on to the next task.
+    Order: the seed CNN eager (plain and this project's loop), N runs of it at once (what
+    stage 2 needs to choose its path), the other three models eager, then torch.compile for each
+    model (its warm-up is the least predictable part), then fused members. Each task gets a
+    share of the time; a share left unused passes on to the next task.
     """
     start = time.monotonic()
     end = start + seconds
+    worker = Worker()
+    worker.start(end)  # not charged to the first task: on a busy CPU importing torch takes a while
     out = {"settings": vars(s).copy(), "pipelines": [], "concurrent": [], "fused": [], "skipped": []}
     if not s.compile:
         out["skipped"].append("torch.compile: not measured (--dry-run)")
-    tasks = [("pipelines", "cnn", 0.35), ("concurrent", "cnn", 0.3)]
-    tasks += [("pipelines", m, 0.1) for m in ("cnn_wide", "resnet18", "vgg_a")]
-    tasks += [("fused", "cnn", 0.05)]
-    planned, worker = start, Worker()
+    eager, others = ("plain", "project"), ("cnn_wide", "resnet18", "vgg_a")
+    tasks = [("pipelines", "cnn", eager, 0.1), ("concurrent", "cnn", (), 0.3)]
+    tasks += [("pipelines", m, eager, 0.2 / 3) for m in others]
+    if s.compile:
+        tasks += [("pipelines", m, ("compiled",), share)
+                  for m, share in zip(("cnn", *others), (0.11, 0.08, 0.08, 0.08))]
+    tasks += [("fused", "cnn", (), 0.05)]
+    planned, rest = time.monotonic(), end - time.monotonic()
+    total = sum(share for *_, share in tasks)
     try:
-        for kind, name, share in tasks:
-            planned += share * seconds
-            deadline = min(end, max(planned, time.monotonic() + 0.05 * seconds))
+        for kind, name, pipelines, share in tasks:
+            planned += share / total * rest
+            deadline = min(end, max(planned, time.monotonic() + 0.05 * rest))
             if time.monotonic() >= end:
-                out["skipped"].append(f"{kind} {name}: stage 1 time used up")
+                out["skipped"].append(f"{kind} {name} {'/'.join(pipelines)}: stage 1 time used up")
                 continue
             t0 = time.monotonic()
             if kind == "pipelines":
-                measure_pipelines(name, s, worker, deadline, out)
+                measure_pipelines(name, pipelines, s, worker, deadline, out)
             elif kind == "concurrent":
                 measure_concurrent(name, s, concurrency, deadline, out)
             else:
                 measure_fused(s, concurrency, worker, deadline, out)
-            log(f"stage 1: {kind} {name} in {time.monotonic() - t0:.1f} s ({len(out['pipelines'])} "
+            log(f"stage 1: {kind} {name} {'/'.join(pipelines)} in {time.monotonic() - t0:.1f} s ({len(out['pipelines'])} "
                 f"pipelines, {len(out['concurrent'])} concurrency rows so far)")
     finally:  # also when the suite itself is stopped
         worker.close()
