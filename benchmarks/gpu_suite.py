@@ -161,9 +161,24 @@ def concurrency_efficiency(stage1: dict, slots: int) -> float:
     return 1.0 / slots  # unmeasured: assume the runs only share the device
 
 
+def fused_launcher_here() -> bool:
+    """The fused launcher (issue 14: hydra/launcher=fused, a plugin under hydra_plugins/)."""
+    return any((REPO / "hydra_plugins").glob("**/*fused*"))
+
+
+def choose_fused(stage1: dict, seeds: int) -> bool:
+    """Fuse a row's seeds into one process when stage 1 measured that many fused members
+    training faster than the best number of separate runs at once."""
+    fused = [r for r in stage1["fused"] if r.get("members") == seeds and
+             isinstance(r.get("aggregate_images_per_s"), (int, float))]
+    separate = max((c["aggregate_images_per_s"] for c in stage1["concurrent"]), default=0.0)
+    return bool(fused) and fused[0]["aggregate_images_per_s"] > separate and fused_launcher_here()
+
+
 def plan(args, stage1: dict) -> dict:
-    """Slots, compile per table, and each model's expected images/s per run in stage 2."""
+    """Slots, fused or not, compile per table, and each model's expected images/s per run."""
     slots, why = choose_slots(stage1, args.slots)
+    fused = choose_fused(stage1, len(args.seeds))
     compile_by_table = {}
     for table in args.tables:
         first = accuracy.TABLES[table][0]
@@ -180,7 +195,8 @@ def plan(args, stage1: dict) -> dict:
         if pipeline_row(stage1, model, "project") is None:
             # unmeasured: a pessimistic guess (a quarter of the slowest model measured)
             rates[f"{model}/project"] = (min(measured) / 4 if measured else 100.0) * efficiency
-    return {"slots": slots, "slots_why": why, "efficiency": efficiency,
+    return {"slots": slots, "slots_why": why, "efficiency": efficiency, "fused": fused,
+            "seeds_per_process": len(args.seeds) if fused else args.seeds_per_process,
             "compile": compile_by_table, "rates": rates}
 
 
@@ -223,6 +239,8 @@ def unit_command(args, the_plan: dict, work: Path, unit: accuracy.Unit) -> list[
     common = common_overrides(args, the_plan)
     if the_plan["compile"].get(unit.row.table):
         common.append("compile=true")
+    if the_plan["fused"]:
+        common.append("hydra/launcher=fused")  # the row's seeds as one stacked model
     if unit.row.table == "bn_study" and args.train_size:
         common.append(f"data.val_size={max(10, args.train_size // 10)}")  # the preset holds out 5000
     return accuracy.command(unit, work, common, tiny=args.dry_run)
@@ -240,7 +258,6 @@ class Analysis:
         self.queued: list[list[str]] = []
         self.tables: list[str] = []
         self.wanted = False
-        self.runs = 0
 
     def request(self, tables: list[str]) -> None:
         if tables:  # nothing to tabulate before a table has runs
@@ -284,7 +301,6 @@ class Analysis:
 
     def publish(self) -> None:
         """tables.md with up to three curve PNGs beside it, reproduction.md; small files in --out."""
-        self.runs += 1
         src = self.work / "analysis"
         if not (src / "tables.md").exists():
             return
@@ -342,7 +358,8 @@ def speed_markdown(stage1: dict, the_plan: dict | None, device: str) -> str:
         text += ["\nNot measured: " + "; ".join(stage1["skipped"]) + "."]
     if the_plan:
         compiled = [t for t, c in the_plan["compile"].items() if c]
-        text += [f"\nStage 2 path: {the_plan['slots']} train.py runs at once ({the_plan['slots_why']}); "
+        text += [f"\nStage 2 path: {the_plan['slots']} train.py runs at once ({the_plan['slots_why']}), "
+                 f"{'each a row with its seeds fused' if the_plan['fused'] else 'seeds as separate runs'}; "
                  f"torch.compile for {', '.join(compiled) or 'no table'} (only where its warm-up "
                  "pays off over the table's epochs)."]
     return "\n".join(text) + "\n"
@@ -421,7 +438,7 @@ def main(argv=None) -> int:
     log(f"{result['machine']}; budget {args.budget_s:.0f} s, stage 1 {args.stage1_s:.0f} s; "
         f"run folders in {work}")
     settings = speed.Settings(device=args.device, images=args.images, tiny=args.dry_run,
-                              epochs=1 if args.dry_run else 2, compile=not args.dry_run,
+                              epochs=1 if args.dry_run else 2, compile=args.device != "cpu",
                               workers=0 if args.dry_run else min(16, os.cpu_count() or 1))
     stage1 = speed.run_stage(settings, min(args.stage1_s, left(args)), args.concurrency, log=log)
     result["speed"] = stage1
@@ -439,7 +456,7 @@ def main(argv=None) -> int:
         t = time.monotonic()
         load_cifar10(args.data_root, download=False)
         result["data_cache_s"] = round(time.monotonic() - t, 1)
-    units = accuracy.make_units(args.tables, args.seeds, args.seeds_per_process)
+    units = accuracy.make_units(args.tables, args.seeds, the_plan["seeds_per_process"])
     analysis = Analysis(work, args.out)
     grace_s = 5.0 if args.dry_run else 15.0  # for a stopped run to save its record
     pool = accuracy.Pool(

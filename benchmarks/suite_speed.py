@@ -46,7 +46,7 @@ class Settings:
     epochs: int = 2       # timed epochs (throughput.timed_epochs reads .warmup and .epochs)
     workers: int = 8      # DataLoader workers of the plain pipeline
     tiny: bool = False    # --dry-run: small models of the same families
-    compile: bool = True  # also measure torch.compile (off for --dry-run: minutes on a CPU)
+    compile: bool = True  # also measure torch.compile (off on a CPU: minutes, and never used there)
 
 
 def build(name: str, tiny: bool) -> nn.Module:
@@ -346,7 +346,7 @@ def run_stage(s: Settings, seconds: float, concurrency: list[int], log=print) ->
     worker.start(end)  # not charged to the first task: on a busy CPU importing torch takes a while
     out = {"settings": vars(s).copy(), "pipelines": [], "concurrent": [], "fused": [], "skipped": []}
     if not s.compile:
-        out["skipped"].append("torch.compile: not measured (--dry-run)")
+        out["skipped"].append("torch.compile: not measured on a CPU (stage 2 uses it only on a GPU)")
     eager, others = ("plain", "project"), ("cnn_wide", "resnet18", "vgg_a")
     tasks = [("pipelines", "cnn", eager, 0.1), ("concurrent", "cnn", (), 0.3)]
     tasks += [("pipelines", m, eager, 0.2 / 3) for m in others]

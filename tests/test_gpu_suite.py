@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -80,6 +81,28 @@ def test_compile_only_where_its_warm_up_pays_off_and_slots_from_the_best_aggrega
     stage1 = speed_rows(2.0, 1.0, 30.0)
     assert gpu_suite.choose_slots(stage1, None)[0] == 4
     assert gpu_suite.concurrency_efficiency(stage1, 4) == 300.0 / (4 * 100.0)
+
+
+def test_a_rows_seeds_are_fused_only_where_fusing_measured_faster(tmp_path, monkeypatch):
+    args = gpu_suite.parse_args(["--out", str(tmp_path), "--device", "cpu", "--tables", "activation"])
+    stage1 = speed_rows(2.0, 1.0, 30.0)
+    stage1["fused"] = [{"members": 3, "aggregate_images_per_s": 900.0}]
+    monkeypatch.setattr(gpu_suite, "fused_launcher_here", lambda: True)
+    the_plan = gpu_suite.plan(args, stage1)
+    assert the_plan["fused"] and the_plan["seeds_per_process"] == 3
+    unit = accuracy.make_units(args.tables, args.seeds, the_plan["seeds_per_process"])[0]
+    cmd = gpu_suite.unit_command(args, the_plan, tmp_path, unit)
+    assert "hydra/launcher=fused" in cmd and "seed=0,1,2" in cmd
+    stage1["fused"] = [{"members": 3, "aggregate_images_per_s": 200.0}]  # slower than 4 separate
+    assert not gpu_suite.plan(args, stage1)["fused"]
+    monkeypatch.setattr(gpu_suite, "fused_launcher_here", lambda: False)  # not in this checkout
+    stage1["fused"] = [{"members": 3, "aggregate_images_per_s": 900.0}]
+    the_plan = gpu_suite.plan(args, stage1)
+    assert not the_plan["fused"] and the_plan["seeds_per_process"] == 1
+    unit = accuracy.make_units(["activation"], [0, 1, 2], 1)[0]
+    cmd = gpu_suite.unit_command(args, the_plan, tmp_path, unit)
+    assert not any("launcher" in c for c in cmd) and "seed=0" in cmd
+    assert f"threads={max(1, (os.cpu_count() or 1) // 4)}" in cmd  # 4 runs share the cores
 
 
 def test_dry_run_writes_its_files_and_tables(tmp_path):
