@@ -113,22 +113,6 @@ def write_atomic(path: Path, text: str) -> None:
 
 # ----------------------------------------------------------------------------- choosing the path
 
-def choose_slots(stage1: dict, override: int | None) -> tuple[int, str]:
-    """How many train.py processes at once: the N of stage 1 with the best aggregate images/s
-    (a larger N only when it is at least 5% faster: more runs at once means longer runs)."""
-    if override:
-        return override, "set by --slots"
-    rows = sorted(stage1["concurrent"], key=lambda c: c["runs"])
-    if not rows:
-        return 1, "no concurrency measurement; one run at a time"
-    best = rows[0]
-    for c in rows[1:]:
-        if c["aggregate_images_per_s"] >= 1.05 * best["aggregate_images_per_s"]:
-            best = c
-    return best["runs"], (f"{best['runs']} runs at once gave the best aggregate "
-                          f"({best['aggregate_images_per_s']:,.0f} images/s)")
-
-
 def pipeline_row(stage1: dict, model: str, pipeline: str) -> dict | None:
     return next((r for r in stage1["pipelines"]
                  if r["model"] == model and r["pipeline"] == pipeline), None)
@@ -151,6 +135,15 @@ def compile_setup_s(stage1: dict, model: str) -> float:
         (r["setup_s"] for r in stage1["pipelines"] if r["pipeline"] == "compiled"), default=60.0)
 
 
+def single_run_rate(stage1: dict, model: str, compile: bool) -> float:
+    """Training images/s of one run alone; unmeasured: a quarter of the slowest model measured."""
+    row = (compile and pipeline_row(stage1, model, "compiled")) or pipeline_row(stage1, model, "project")
+    if row:
+        return row["images_per_s"]
+    measured = [r["images_per_s"] for r in stage1["pipelines"] if r["pipeline"] == "project"]
+    return min(measured) / 4 if measured else 100.0
+
+
 def concurrency_efficiency(stage1: dict, slots: int) -> float:
     """Each run's speed at `slots` runs at once relative to running alone (measured on the seed CNN)."""
     by_n = {c["runs"]: c["aggregate_images_per_s"] for c in stage1["concurrent"]}
@@ -159,6 +152,38 @@ def concurrency_efficiency(stage1: dict, slots: int) -> float:
     if 1 in by_n and slots in by_n:
         return min(1.0, by_n[slots] / (slots * by_n[1]))
     return 1.0 / slots  # unmeasured: assume the runs only share the device
+
+
+def estimate(args, stage1: dict, the_plan: dict, unit: accuracy.Unit) -> float:
+    """Seconds one unit should take: start-up, then per seed its epochs (and compile warm-up)."""
+    row = unit.row
+    compile = the_plan["compile"].get(row.table, False)
+    rate = single_run_rate(stage1, row.model, compile) * the_plan["efficiency"]
+    epoch_s = ((args.train_size or 50_000) + (args.test_size or 10_000) / 3) / rate  # eval: ~1/3 step
+    setup = 1.5 * compile_setup_s(stage1, row.model) if compile else 0.0
+    epochs = max(1, round(row.epochs * args.scale))
+    return STARTUP_S + len(unit.seeds) * (setup + epochs * epoch_s)
+
+
+def choose_slots(args, stage1: dict, the_plan: dict, units: list, seconds: float) -> tuple[int, str]:
+    """How many train.py processes at once: the N of stage 1 that finishes the most runs of the
+    first table in the time left (more at once is slower each, and a run that cannot finish
+    is worth nothing); between equals, the best aggregate images/s."""
+    if args.slots:
+        return args.slots, "set by --slots"
+    first = [u for u in units if u.row.table == units[0].row.table] if units else []
+    options = []
+    for c in stage1["concurrent"]:
+        n = c["runs"]
+        trial = {**the_plan, "efficiency": concurrency_efficiency(stage1, n)}
+        length = estimate(args, stage1, trial, first[0]) if first else 1.0
+        done = min(len(first), n * int(seconds // length))
+        options.append((done, c["aggregate_images_per_s"], n, length))
+    if not options:
+        return 1, "no concurrency measurement; one run at a time"
+    done, aggregate, n, length = max(options)
+    return n, (f"{n} at once: {done} run(s) of the first table estimated to finish in the "
+               f"{seconds:.0f} s left, {length:.0f} s each; aggregate {aggregate:,.0f} images/s")
 
 
 def fused_launcher_here() -> bool:
@@ -175,43 +200,19 @@ def choose_fused(stage1: dict, seeds: int) -> bool:
     return bool(fused) and fused[0]["aggregate_images_per_s"] > separate and fused_launcher_here()
 
 
-def plan(args, stage1: dict) -> dict:
-    """Slots, fused or not, compile per table, and each model's expected images/s per run."""
-    slots, why = choose_slots(stage1, args.slots)
+def plan(args, stage1: dict, seconds: float) -> dict:
+    """How stage 2 runs in `seconds`: fused or not, torch.compile per table, runs at once."""
     fused = choose_fused(stage1, len(args.seeds))
-    compile_by_table = {}
+    the_plan = {"fused": fused, "seeds_per_process": len(args.seeds) if fused else args.seeds_per_process,
+                "compile": {}, "efficiency": 1.0}
     for table in args.tables:
         first = accuracy.TABLES[table][0]
-        compile_by_table[table] = args.device != "cpu" and \
+        the_plan["compile"][table] = args.device != "cpu" and \
             choose_compile(stage1, first.model, max(1, round(first.epochs * args.scale)))
-    efficiency = concurrency_efficiency(stage1, slots)
-    measured = [r["images_per_s"] for r in stage1["pipelines"] if r["pipeline"] == "project"]
-    rates = {}
-    for model in speed.MODELS:
-        for pipeline in ("compiled", "project"):
-            row = pipeline_row(stage1, model, pipeline)
-            if row:
-                rates[f"{model}/{pipeline}"] = row["images_per_s"] * efficiency
-        if pipeline_row(stage1, model, "project") is None:
-            # unmeasured: a pessimistic guess (a quarter of the slowest model measured)
-            rates[f"{model}/project"] = (min(measured) / 4 if measured else 100.0) * efficiency
-    return {"slots": slots, "slots_why": why, "efficiency": efficiency, "fused": fused,
-            "seeds_per_process": len(args.seeds) if fused else args.seeds_per_process,
-            "compile": compile_by_table, "rates": rates}
-
-
-def estimate(args, the_plan: dict, stage1: dict, unit: accuracy.Unit) -> float:
-    """Seconds one unit should take: start-up, then per seed its epochs (and compile warm-up)."""
-    row = unit.row
-    compile = the_plan["compile"].get(row.table, False)
-    rate = the_plan["rates"].get(f"{row.model}/{'compiled' if compile else 'project'}") or \
-        the_plan["rates"][f"{row.model}/project"]
-    train = args.train_size or 50_000
-    test = args.test_size or 10_000
-    epoch_s = (train + test / 3) / rate  # evaluation: a forward pass, about a third of a step
-    setup = 1.5 * compile_setup_s(stage1, row.model) if compile else 0.0
-    epochs = max(1, round(row.epochs * args.scale))
-    return STARTUP_S + len(unit.seeds) * (setup + epochs * epoch_s)
+    units = accuracy.make_units(args.tables, args.seeds, the_plan["seeds_per_process"])
+    the_plan["slots"], the_plan["slots_why"] = choose_slots(args, stage1, the_plan, units, seconds)
+    the_plan["efficiency"] = concurrency_efficiency(stage1, the_plan["slots"])
+    return the_plan
 
 
 def common_overrides(args, the_plan: dict) -> list[str]:
@@ -421,51 +422,50 @@ def stop_on_sigterm(signum, frame):
     raise SystemExit(143)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
-    args.out.mkdir(parents=True, exist_ok=True)
-    work = args.work or Path(tempfile.mkdtemp(prefix="gpu_suite_"))
-    (work / "logs").mkdir(parents=True, exist_ok=True)
-    result = {"machine": machine(args.device), "device": args.device, "dry_run": args.dry_run,
-              "budget_s": args.budget_s, "work": str(work),
-              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+def save(args, result: dict) -> None:
+    result["elapsed_s"] = round(time.monotonic() - T0, 1)
+    write_atomic(args.out / "results.json", json.dumps(result, indent=1, default=str) + "\n")
 
-    def save() -> None:
-        result["elapsed_s"] = round(time.monotonic() - T0, 1)
-        write_atomic(args.out / "results.json", json.dumps(result, indent=1, default=str) + "\n")
 
-    log(f"{result['machine']}; budget {args.budget_s:.0f} s, stage 1 {args.stage1_s:.0f} s; "
-        f"run folders in {work}")
+def speed_stage(args, result: dict) -> dict:
     settings = speed.Settings(device=args.device, images=args.images, tiny=args.dry_run,
                               epochs=1 if args.dry_run else 2, compile=args.device != "cpu",
                               workers=0 if args.dry_run else min(16, os.cpu_count() or 1))
     stage1 = speed.run_stage(settings, min(args.stage1_s, left(args)), args.concurrency, log=log)
     result["speed"] = stage1
-    the_plan = plan(args, stage1)
-    result["plan"] = the_plan
-    write_atomic(args.out / "throughput.md", speed_markdown(stage1, the_plan, args.device))
+    write_atomic(args.out / "throughput.md", speed_markdown(stage1, None, args.device))
     if stage1["pipelines"]:
         speed_figure(stage1, args.out / "throughput.png")
-    save()
-    log(f"stage 1 done: {the_plan['slots']} runs at once, compile {the_plan['compile']}")
-
+    save(args, result)
     if args.data_root and not args.dry_run:  # decode the image tree once, not in every run at once
         from ablate.data import load_cifar10
 
         t = time.monotonic()
         load_cifar10(args.data_root, download=False)
         result["data_cache_s"] = round(time.monotonic() - t, 1)
+    return stage1
+
+
+def accuracy_stage(args, work: Path, stage1: dict, result: dict) -> None:
+    """Plan from stage 1, run the rows that fit, tabulate after each table and at the end."""
+    grace_s = 5.0 if args.dry_run else 15.0  # for a stopped run to save its record
+    deadline = T0 + args.budget_s - grace_s - ANALYSIS_S
+    the_plan = plan(args, stage1, deadline - time.monotonic())
+    result["plan"] = the_plan
+    write_atomic(args.out / "throughput.md", speed_markdown(stage1, the_plan, args.device))
+    log(f"stage 2 plan: {the_plan['slots_why']}; compile {the_plan['compile']}")
     units = accuracy.make_units(args.tables, args.seeds, the_plan["seeds_per_process"])
     analysis = Analysis(work, args.out)
-    grace_s = 5.0 if args.dry_run else 15.0  # for a stopped run to save its record
+
+    def table_done(table: str) -> None:
+        analysis.request([t for t in pool.tables_done if (work / "runs" / t).is_dir()])
+        save(args, {**result, "units": [u.summary() for u in units]})
+
     pool = accuracy.Pool(
-        units, the_plan["slots"], deadline=T0 + args.budget_s - grace_s - ANALYSIS_S, work=work,
+        units, the_plan["slots"], deadline=deadline, work=work,
         make_command=lambda u: unit_command(args, the_plan, work, u),
-        estimate=lambda u: estimate(args, the_plan, stage1, u),
-        on_table_done=lambda t: (analysis.request(
-            [d for d in pool.tables_done if (work / "runs" / d).is_dir()]), save()),
-        on_tick=analysis.poll, log=log, grace_s=grace_s)
+        estimate=lambda u: estimate(args, stage1, the_plan, u),
+        on_table_done=table_done, on_tick=analysis.poll, log=log, grace_s=grace_s)
     try:
         pool.run()
     finally:
@@ -479,9 +479,27 @@ def main(argv=None) -> int:
             result.update(tables_summary(work, ran))
         except Exception as err:  # the numbers are in the runs and tables.md all the same
             result["tables_error"] = f"{type(err).__name__}: {err}"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = args.work or Path(tempfile.mkdtemp(prefix="gpu_suite_"))
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    result = {"machine": machine(args.device), "device": args.device, "dry_run": args.dry_run,
+              "budget_s": args.budget_s, "work": str(work),
+              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    log(f"{result['machine']}; budget {args.budget_s:.0f} s, stage 1 {args.stage1_s:.0f} s; "
+        f"run folders in {work}")
+    try:
+        accuracy_stage(args, work, speed_stage(args, result), result)
+    finally:
         result["files"] = sorted(p.name for p in args.out.iterdir() if not p.name.startswith("."))
-        save()
-    log(f"done: {len(result['runs'])} runs, tables {ran}; wrote {', '.join(result['files'])} to {args.out}")
+        save(args, result)
+    runs = result.get("runs", [])
+    log(f"done: {sum(r['status'] == 'completed' for r in runs)} of {len(runs)} runs completed; "
+        f"wrote {', '.join(result['files'])} to {args.out}")
     return 0
 
 

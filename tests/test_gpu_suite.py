@@ -67,20 +67,34 @@ def speed_rows(eager_s: float, compiled_s: float, compile_setup_s: float) -> dic
                           {**row, "pipeline": "compiled", "s_per_50k": compiled_s,
                            "setup_s": compile_setup_s}],
             "concurrent": [{"runs": 1, "aggregate_images_per_s": 100.0},
-                           {"runs": 2, "aggregate_images_per_s": 104.0},
+                           {"runs": 2, "aggregate_images_per_s": 190.0},
                            {"runs": 4, "aggregate_images_per_s": 300.0},
-                           {"runs": 8, "aggregate_images_per_s": 310.0}]}
+                           {"runs": 8, "aggregate_images_per_s": 310.0}],
+            "fused": []}
 
 
-def test_compile_only_where_its_warm_up_pays_off_and_slots_from_the_best_aggregate():
+def test_compile_only_where_its_warm_up_pays_off():
     # 50 epochs: saving 1 s per epoch repays a 30 s compile (x1.5 for the eval graph), not a 60 s one
     assert gpu_suite.choose_compile(speed_rows(2.0, 1.0, 30.0), "cnn", 50)
     assert not gpu_suite.choose_compile(speed_rows(2.0, 1.0, 60.0), "cnn", 50)
     assert not gpu_suite.choose_compile(speed_rows(2.0, 1.0, 30.0), "resnet18", 50)  # unmeasured
-    # 2 runs are under 5% better than 1, 8 under 5% better than 4: 4 at once
-    stage1 = speed_rows(2.0, 1.0, 30.0)
-    assert gpu_suite.choose_slots(stage1, None)[0] == 4
+
+
+def test_runs_at_once_finish_the_most_runs_in_the_time_left(tmp_path):
+    args = gpu_suite.parse_args(["--out", str(tmp_path), "--device", "cpu", "--tables", "activation"])
+    stage1 = speed_rows(2.0, 1.0, 30.0)  # alone 25,000 images/s: 2.13 s per epoch with the test set
     assert gpu_suite.concurrency_efficiency(stage1, 4) == 300.0 / (4 * 100.0)
+    # A 50-epoch run (8 s start-up) takes 115 s alone, 120 s with 2 at once, 150 s with 4, 283 s
+    # with 8; the activation table has 9 runs.
+    def slots(seconds):
+        return gpu_suite.plan(args, stage1, seconds)["slots"]
+    assert slots(1000) == 8  # 9 runs finish with 2, 4 or 8 at once: 8 has the best aggregate
+    assert slots(300) == 8   # 8 runs finish with 4 at once (two waves) or 8 (one)
+    assert slots(200) == 4   # 4 finish, against 2 with 2 at once and none with 8
+    assert slots(130) == 2
+    assert slots(115) == 1   # only a run alone finishes
+    the_plan = gpu_suite.plan(args, stage1, 200)
+    assert the_plan["efficiency"] == 0.75 and "4 run(s) of the first table" in the_plan["slots_why"]
 
 
 def test_a_rows_seeds_are_fused_only_where_fusing_measured_faster(tmp_path, monkeypatch):
@@ -88,21 +102,21 @@ def test_a_rows_seeds_are_fused_only_where_fusing_measured_faster(tmp_path, monk
     stage1 = speed_rows(2.0, 1.0, 30.0)
     stage1["fused"] = [{"members": 3, "aggregate_images_per_s": 900.0}]
     monkeypatch.setattr(gpu_suite, "fused_launcher_here", lambda: True)
-    the_plan = gpu_suite.plan(args, stage1)
+    the_plan = gpu_suite.plan(args, stage1, 1000)
     assert the_plan["fused"] and the_plan["seeds_per_process"] == 3
     unit = accuracy.make_units(args.tables, args.seeds, the_plan["seeds_per_process"])[0]
     cmd = gpu_suite.unit_command(args, the_plan, tmp_path, unit)
     assert "hydra/launcher=fused" in cmd and "seed=0,1,2" in cmd
     stage1["fused"] = [{"members": 3, "aggregate_images_per_s": 200.0}]  # slower than 4 separate
-    assert not gpu_suite.plan(args, stage1)["fused"]
+    assert not gpu_suite.plan(args, stage1, 1000)["fused"]
     monkeypatch.setattr(gpu_suite, "fused_launcher_here", lambda: False)  # not in this checkout
     stage1["fused"] = [{"members": 3, "aggregate_images_per_s": 900.0}]
-    the_plan = gpu_suite.plan(args, stage1)
+    the_plan = gpu_suite.plan(args, stage1, 1000)
     assert not the_plan["fused"] and the_plan["seeds_per_process"] == 1
     unit = accuracy.make_units(["activation"], [0, 1, 2], 1)[0]
     cmd = gpu_suite.unit_command(args, the_plan, tmp_path, unit)
     assert not any("launcher" in c for c in cmd) and "seed=0" in cmd
-    assert f"threads={max(1, (os.cpu_count() or 1) // 4)}" in cmd  # 4 runs share the cores
+    assert f"threads={max(1, (os.cpu_count() or 1) // the_plan['slots'])}" in cmd  # runs share the cores
 
 
 def test_dry_run_writes_its_files_and_tables(tmp_path):
