@@ -1,7 +1,7 @@
 """The GPU suite: every speed and accuracy claim of this project, measured in one call.
 
     python benchmarks/gpu_suite.py --out DIR [--budget-s 420] [--data-root PATH] [--work DIR]
-    python benchmarks/gpu_suite.py --out DIR --dry-run      # the same path on a CPU, tiny, < 1 min
+    python benchmarks/gpu_suite.py --out DIR --dry-run      # the same path on a CPU, tiny, 90 s
 
 Stage 1 (about a third of the budget, at most 150 s): training images/s and seconds per
 50k-image epoch of the plain pipeline (PIL + DataLoader, fp32) and of this project's loop (bf16 +
@@ -54,11 +54,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="where the (at most 8) result files go")
     p.add_argument("--budget-s", type=float, default=None,
-                   help="wall-clock budget of the whole suite (default 420; 60 with --dry-run)")
+                   help="wall-clock budget of the whole suite (default 420; 90 with --dry-run)")
     p.add_argument("--data-root", default=None, help="real CIFAR-10 for stage 2 (data.root)")
     p.add_argument("--work", type=Path, default=None, help="run folders and logs (default: a temp dir)")
     p.add_argument("--dry-run", action="store_true",
-                   help="CPU, synthetic data, tiny models, 1 epoch: the same path in under a minute")
+                   help="CPU, synthetic data, tiny models, 1 epoch: the same path in 90 s")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when there is one)")
     p.add_argument("--stage1-s", type=float, default=None,
                    help="seconds for the speed stage (default: 30%% of the budget, at most 150)")
@@ -79,9 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     dry = args.dry_run
     args.device = args.device or ("cpu" if dry or not torch.cuda.is_available() else "cuda")
-    args.budget_s = args.budget_s or (60.0 if dry else 420.0)
+    args.budget_s = args.budget_s or (90.0 if dry else 420.0)
     args.stage1_s = args.stage1_s if args.stage1_s is not None else \
-        min(150.0, (0.5 if dry else 0.3) * args.budget_s)
+        min(150.0, (0.4 if dry else 0.3) * args.budget_s)
     args.images = args.images or (128 if dry else 10_240)
     args.concurrency = [int(n) for n in (args.concurrency or ("1,2" if dry else "1,2,4,8")).split(",")
                         if n.strip()]
