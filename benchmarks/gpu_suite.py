@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stage1-s", type=float, default=None,
                    help="seconds for the speed stage (default: 30%% of the budget, at most 150)")
     p.add_argument("--images", type=int, default=None,
-                   help="stage 1: training images per timed epoch (default 10240; 128 dry)")
+                   help="stage 1: training images per timed epoch (default 5120; 128 dry)")
     p.add_argument("--concurrency", default=None, help="stage 1: runs at once (default 1,2,4,8; 1,2 dry)")
     p.add_argument("--tables", default=",".join(accuracy.TABLES),
                    help="stage 2: tables in order (default: all, in the issue's order)")
@@ -82,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.budget_s = args.budget_s or (90.0 if dry else 420.0)
     args.stage1_s = args.stage1_s if args.stage1_s is not None else \
         min(150.0, (0.4 if dry else 0.3) * args.budget_s)
-    args.images = args.images or (128 if dry else 10_240)
+    args.images = args.images or (128 if dry else 5_120)
     args.concurrency = [int(n) for n in (args.concurrency or ("1,2" if dry else "1,2,4,8")).split(",")
                         if n.strip()]
     args.tables = [t for t in args.tables.split(",") if t.strip()]

@@ -6,6 +6,7 @@ import os
 import sys
 import time
 
+import pytest
 import yaml
 
 from analysis.reproduction import SEED_RESULTS
@@ -37,6 +38,25 @@ def test_pool_skips_what_cannot_finish_and_stops_what_overruns(tmp_path):
     assert units[3].returncode != 0 and units[3].proc.poll() is not None  # really ended
     assert done == ["quick"]  # a table with nothing finished is not analysed
     assert time.monotonic() - start < 6 + 2 + 3
+
+
+def test_a_stopped_suite_leaves_no_run_behind(tmp_path):
+    row = accuracy.Row("slow", "slow", (), 1, "cnn")
+    units = [accuracy.Unit(row, (0,)), accuracy.Unit(row, (1,))]
+    started = time.monotonic()
+
+    def tick():  # the suite gets SIGTERM (gpu_suite turns it into SystemExit) a second in
+        if time.monotonic() - started > 1:
+            raise SystemExit(143)
+
+    pool = accuracy.Pool(units, slots=2, deadline=time.monotonic() + 60, work=tmp_path,
+                         make_command=lambda u: sleeper(60), estimate=lambda u: 1.0,
+                         on_table_done=lambda t: None, on_tick=tick, log=lambda _: None, grace_s=2)
+    with pytest.raises(SystemExit):
+        pool.run()
+    assert [u.status for u in units] == ["stopped", "stopped"]
+    assert all(u.why == "the suite itself was stopped" and u.proc.poll() is not None for u in units)
+    assert time.monotonic() - started < 10
 
 
 def test_units_keep_the_issue_order_and_one_folder_per_row_and_seed(tmp_path):
