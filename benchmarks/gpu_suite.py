@@ -309,20 +309,21 @@ class Analysis:
         bn = src / "bn" / "bn_study.md"
         if "bn_study" in self.tables and bn.exists():
             text += "\n## BN study (analysis/bn_study.py)\n\n" + bn.read_text()
-        copied = 0
+        copied: list[str] = []
 
         def link(match: re.Match) -> str:
-            nonlocal copied
             png = src / match.group(1)
-            if copied < MAX_CURVE_PNGS and png.exists():
-                copied += 1
-                name = f"curves_{png.stem}.png"
-                shutil.copyfile(png, self.out / name)
-                return f"![training curves]({name})"
+            if len(copied) < MAX_CURVE_PNGS and png.exists():
+                copied.append(f"curves_{png.stem}.png")
+                shutil.copyfile(png, self.out / copied[-1])
+                return f"![training curves]({copied[-1]})"
             return f"(training curves: {png} in the work folder)"
 
         text = re.sub(r"!\[training curves\]\(([^)]+)\)", link, text)
         write_atomic(self.out / "tables.md", text)
+        for old in self.out.glob("curves_*.png"):  # a table that came first earlier: keep 8 files
+            if old.name not in copied:
+                old.unlink()
         if (src / "reproduction.md").exists():
             write_atomic(self.out / "reproduction.md", (src / "reproduction.md").read_text())
 

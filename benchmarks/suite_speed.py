@@ -1,9 +1,11 @@
 """Stage 1 of the GPU suite: training speed per model and pipeline, N runs at once, fused members.
 
-Every measurement runs in its own spawned process with a deadline: a torch.compile that takes
-too long, or a run that hangs, is killed without losing what was already measured (each result
-is sent back as soon as it exists). The pipelines are those of benchmarks/throughput.py, built
-from the same pieces (benchmarks/plain.py, ablate.loop), for four models instead of two.
+Measurements run in a spawned worker process, one after another, each with a deadline: a
+torch.compile that takes too long, or a run that hangs, is killed with its process without losing
+what was already measured (each result is sent back as soon as it exists), and a new worker takes
+the next measurement. N runs at once are N spawned processes. The pipelines are those of
+benchmarks/throughput.py, built from the same pieces (benchmarks/plain.py, ablate.loop), for four
+models instead of two.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from ablate.models import CNN, ResNet
 from ablate.vgg import VGG
 from benchmarks import plain, throughput
 
-# name -> (what the tables call it, the full size, a tiny stand-in for --dry-run on a CPU)
+# name -> what the tables call it
 MODELS = {
     "cnn": "seed CNN (64,128,256)",
     "cnn_wide": "CNN (128,256,512)",
@@ -49,6 +51,10 @@ class Settings:
     compile: bool = True  # also measure torch.compile (off on a CPU: minutes, and never used there)
 
 
+# --dry-run's stand-ins, the sizes of suite_accuracy.TINY_MODEL
+TINY_VGG = {"widths": (8, 8, 16, 16, 16, 16, 16, 16), "hidden": 32}
+
+
 def build(name: str, tiny: bool) -> nn.Module:
     """The model as the configs build it (conf/model/*.yaml), or a tiny one of the same kind."""
     torch.manual_seed(0)
@@ -62,9 +68,6 @@ def build(name: str, tiny: bool) -> nn.Module:
     if name == "resnet18":
         return ResNet(nn.ReLU, width=4 if tiny else 64)
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-
-
-TINY_VGG = {"widths": (8, 8, 16, 16, 16, 16, 16, 16), "hidden": 32}
 
 
 def setup(device: torch.device, threads: int | None = None) -> None:
@@ -82,7 +85,7 @@ def peak_mb(device: torch.device) -> float | None:
 
 # ----------------------------------------------------------------------------- one process, one model
 
-def project_epoch(model: nn.Module, data, device: torch.device, compile: bool):
+def project_epoch(model: nn.Module, data, device: torch.device, compile: bool, batch_size: int):
     """This project's loop (throughput.project_run's set-up for any model): one_epoch() -> images."""
     data = data.to(device)
     precision = pick_precision("auto", device)
@@ -93,7 +96,7 @@ def project_epoch(model: nn.Module, data, device: torch.device, compile: bool):
     optimizer, loss_fn = throughput.adam(model), nn.CrossEntropyLoss()
     generator = torch.Generator(device=device).manual_seed(0)
     return lambda: train_one_epoch(model, data.train_x, data.train_y, loss_fn=loss_fn,
-                                   optimizer=optimizer, batch_size=128, generator=generator,
+                                   optimizer=optimizer, batch_size=batch_size, generator=generator,
                                    precision=precision, desc="bench")["images"]
 
 
@@ -110,7 +113,7 @@ def measure_pipeline(name: str, pipeline: str, data, s: Settings) -> dict:
         one_epoch = lambda: plain.train_epoch(model, loader, loss_fn=loss_fn, optimizer=optimizer,
                                               device=device)["images"]
     else:
-        one_epoch = project_epoch(model, data, device, compile=pipeline == "compiled")
+        one_epoch = project_epoch(model, data, device, pipeline == "compiled", s.batch_size)
     timing = throughput.timed_epochs(one_epoch, s, device)
     return {"model": name, "pipeline": pipeline, "params": params, **timing,
             "s_per_50k": 50_000 / timing["images_per_s"],
@@ -142,7 +145,7 @@ def concurrent_worker(name: str, s: Settings, rank: int, threads: int, barrier, 
         setup(device, threads)
         one_epoch = project_epoch(build(name, s.tiny).to(device),
                                   make_synthetic(train_size=s.images, test_size=64, seed=rank),
-                                  device, compile=False)
+                                  device, compile=False, batch_size=s.batch_size)
         for _ in range(s.warmup):
             one_epoch()
         throughput.sync(device)

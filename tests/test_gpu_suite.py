@@ -139,6 +139,23 @@ def test_a_rows_seeds_are_fused_only_where_fusing_measured_faster(tmp_path, monk
     assert f"threads={max(1, (os.cpu_count() or 1) // the_plan['slots'])}" in cmd  # runs share the cores
 
 
+def test_published_tables_keep_at_most_three_curve_pngs(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    (work / "analysis").mkdir(parents=True)
+    out.mkdir()
+    for name in "abcd":
+        (work / "analysis" / f"{name}.png").write_bytes(b"png")
+    (work / "analysis" / "tables.md").write_text(
+        "".join(f"### {n}\n![training curves]({n}.png)\n" for n in "abcd"))
+    (work / "analysis" / "reproduction.md").write_text("## Reproduction\n")
+    (out / "curves_z.png").write_bytes(b"from an earlier publish")
+    gpu_suite.Analysis(work, out).publish()
+    assert sorted(p.name for p in out.iterdir()) == [
+        "curves_a.png", "curves_b.png", "curves_c.png", "reproduction.md", "tables.md"]
+    tables = (out / "tables.md").read_text()
+    assert "![training curves](curves_c.png)" in tables and "d.png in the work folder" in tables
+
+
 def test_dry_run_writes_its_files_and_tables(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     # Two tables, done in about a minute on two idle cores; the budget leaves room for a busy
