@@ -3,7 +3,7 @@
     python benchmarks/gpu_suite.py --out DIR [--budget-s 420] [--data-root PATH] [--work DIR]
     python benchmarks/gpu_suite.py --out DIR --dry-run      # the same path on a CPU, tiny, 90 s
 
-Stage 1 (about a third of the budget, at most 150 s): training images/s and seconds per
+Stage 1 (30% of the budget, at most 150 s): training images/s and seconds per
 50k-image epoch of the plain pipeline (PIL + DataLoader, fp32) and of this project's loop (bf16 +
 channels_last, eager and torch.compile) for the seed CNN, the (128,256,512) CNN, VGG-A and
 ResNet-18; N = 1, 2, 4, 8 runs at once; fused members when ablate.fused exists; peak GPU memory.
@@ -338,12 +338,15 @@ def speed_markdown(stage1: dict, the_plan: dict | None, device: str) -> str:
     rows = [{**r, "model": speed.MODELS[r["model"]], "pipeline": names[r["pipeline"]],
              "peak": "n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:,.0f}",
              "x": "-" if r["x_plain"] is None else f"{r['x_plain']:.2f}"} for r in stage1["pipelines"]]
-    text = [f"## Training speed ({stage1['settings']['images']} synthetic images per timed epoch, "
-            f"batch 128, {stage1['settings']['warmup']} warm-up + {stage1['settings']['epochs']} "
-            "timed epochs)\n",
+    st = stage1["settings"]
+    text = [f"## Training speed ({st['images']} synthetic images per timed epoch, batch "
+            f"{st['batch_size']}, {st['warmup']} warm-up + {st['epochs']} timed epochs)\n",
             markdown(rows, {"model": "model", "pipeline": "pipeline", "images_per_s": "images/s",
-                            "s_per_50k": "s per 50k-image epoch", "setup_s": "warm-up s",
-                            "peak": "peak GPU MiB", "x": "x plain"}) if rows else "(nothing measured)"]
+                            "s_per_50k": "s per 50k-image epoch", "setup_s": "extra warm-up s",
+                            "peak": "peak GPU MiB", "x": "x plain"}) if rows else "(nothing measured)",
+            "\ns per 50k-image epoch = 50,000 / images/s (training only). Extra warm-up: the first "
+            "epoch's time beyond an ordinary one (compiling, cuDNN autotuning, loader workers). "
+            "Peak GPU MiB: torch.cuda.max_memory_allocated of the measurement; n/a on a CPU."]
     if stage1["concurrent"]:
         conc = [{**c, "peak": "n/a" if c["peak_mem_mb_per_run"] is None else
                  f"{c['peak_mem_mb_per_run']:,.0f}",
