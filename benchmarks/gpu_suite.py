@@ -382,7 +382,7 @@ def speed_figure(stage1: dict, path: Path) -> None:
     for i, pipeline in enumerate(speed.PIPELINES):
         values = [(pipeline_row(stage1, m, pipeline) or {}).get("images_per_s", 0) for m in models]
         a.bar([j + 0.27 * (i - 1) for j in range(len(models))], values, width=0.27, label=pipeline)
-    a.set_xticks(range(len(models)), [speed.MODELS[m] for m in models], fontsize=7)
+    a.set_xticks(range(len(models)), [speed.MODELS[m].replace(" (", "\n(") for m in models], fontsize=7)
     a.set_ylabel("training images/s")
     a.legend(fontsize=7)
     conc = stage1["concurrent"]
