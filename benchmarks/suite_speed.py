@@ -351,11 +351,11 @@ def run_stage(s: Settings, seconds: float, concurrency: list[int], log=print) ->
     if not s.compile:
         out["skipped"].append("torch.compile: not measured on a CPU (stage 2 uses it only on a GPU)")
     eager, others = ("plain", "project"), ("cnn_wide", "resnet18", "vgg_a")
-    tasks = [("pipelines", "cnn", eager, 0.1), ("concurrent", "cnn", (), 0.3)]
+    tasks = [("pipelines", "cnn", eager, 0.15), ("concurrent", "cnn", (), 0.3)]
     tasks += [("pipelines", m, eager, 0.2 / 3) for m in others]
     if s.compile:
         tasks += [("pipelines", m, ("compiled",), share)
-                  for m, share in zip(("cnn", *others), (0.11, 0.08, 0.08, 0.08))]
+                  for m, share in zip(("cnn", *others), (0.09, 0.07, 0.07, 0.07))]
     tasks += [("fused", "cnn", (), 0.05)]
     planned, rest = time.monotonic(), end - time.monotonic()
     total = sum(share for *_, share in tasks)
