@@ -1,6 +1,7 @@
 """Per-epoch training checkpoints (everything needed to resume bit for bit), saved atomically."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -53,7 +54,8 @@ def save_finished(run_dir: Path, *, identity: str, state, record) -> None:
     """Replace the resume checkpoint (about 3x the model) by a few kilobytes once the run completed:
     its identity, the per-epoch rows and the completed record, from which a lost or damaged
     result.json is rebuilt without training."""
-    atomic_torch_save({"identity": identity, "state": asdict(state), "finished_record": asdict(record)},
+    atomic_torch_save({"identity": identity, "state": asdict(state),
+                       "finished_record": json.dumps(asdict(record))},  # as result.json holds it
                       Path(run_dir) / CHECKPOINT_FILE)
 
 

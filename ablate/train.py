@@ -1,6 +1,7 @@
 """Train one configuration: `python ablate/train.py [-m] group=option key=value ...`."""
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import subprocess
@@ -101,7 +102,7 @@ def finished_record(run_dir: Path) -> RunRecord | None:
     ckpt = peek_checkpoint(run_dir)
     if ckpt is None or "finished_record" not in ckpt:
         return None
-    record = RunRecord(**ckpt["finished_record"])
+    record = RunRecord(**json.loads(ckpt["finished_record"]))
     record.save(run_dir)
     write_metrics(ckpt["state"]["rows"], run_dir)
     log.info("%s: training was already done; rebuilt %s and %s from %s", run_dir, RESULT_FILE,
@@ -132,7 +133,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str],
         if cfg.get("cuda_memory_fraction"):  # of the current device; a job outgrowing it fails alone
             torch.cuda.set_per_process_memory_fraction(float(cfg.cuda_memory_fraction))
     record = RunRecord(choices=choices, overrides=overrides, seed=cfg.seed, epochs=cfg.epochs,
-                       device=str(device), torch_version=torch.__version__,
+                       device=str(device), torch_version=str(torch.__version__),
                        git_commit=git_commit(), threads=torch.get_num_threads(),
                        config_hash=identity(OmegaConf.to_container(cfg, resolve=True)),
                        wall_seconds=previous.wall_seconds if previous else 0.0)
