@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from ablate.record import OPERATIONAL_KEYS
 
-MAX_NAME = 120  # well under the 255 bytes file systems allow for one name
+MAX_ITEM, MAX_NAME = 40, 200  # under the 255 bytes file systems allow for one name
 UNSAFE = re.compile(r"[^A-Za-z0-9._=,+\-~@\[\]]")  # '/', quotes, spaces, '\', ':', '*', '$', ...
 
 
@@ -27,7 +27,8 @@ def scaled(epochs: int, *, _root_) -> int:
 
 def job_folder(overrides) -> str:
     """A sweep job's folder name: its overrides sorted by key, without operational ones
-    (threads, device, ...), made file-system safe; cut and given a short hash when long.
+    (threads, device, ...), made file-system safe; with a short hash of them all when an
+    override (e.g. a path) or the whole had to be cut.
 
     E.g. ['seed=1', 'loss=focal', 'threads=4'] -> 'loss=focal,seed=1'. Hydra's own
     launcher choice (hydra/launcher=joblib) is not a task override, so it never appears.
@@ -36,11 +37,11 @@ def job_folder(overrides) -> str:
     kept = sorted((o.key_or_group, o.input_line) for o in parsed
                   if o.key_or_group not in OPERATIONAL_KEYS)
     lines = [line for _, line in kept]
-    name = UNSAFE.sub("_", ",".join(lines)) or "defaults"
-    if len(name) > MAX_NAME:
-        digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:8]
-        name = f"{name[:MAX_NAME - 9]}-{digest}"
-    return name
+    # Cutting each long override first keeps every key, and so the swept values, in sight.
+    name = ",".join(UNSAFE.sub("_", line)[:MAX_ITEM] for line in lines)[:MAX_NAME - 9]
+    if name != ",".join(UNSAFE.sub("_", line) for line in lines):
+        name += "-" + hashlib.sha256("\n".join(lines).encode()).hexdigest()[:8]
+    return name or "defaults"
 
 
 OmegaConf.register_new_resolver("scaled", scaled, replace=True)
