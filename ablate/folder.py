@@ -93,7 +93,7 @@ def accept(run_dir: Path, cfg: DictConfig) -> None:
     changed = differences(stored, config) if stored is not None else []
     if changed:
         why = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
-        why = f"settings differ (there -> here): {why}"
+        why = f"there -> here: {why}"
     else:
         why = ", ".join(f"{where} was made by config {d}" for where, d in other.items())
         why = f"{why}, this run's is {digest}"
