@@ -65,8 +65,8 @@ class SweepSummary(Callback):
             self.reports.parent.rmdir()  # .jobs/, when no other sweep is reporting into it
         counts = Counter(job["status"] for job in jobs)
         summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-        log.info("sweep %s: %d jobs: %s; tables: python analysis/make_tables.py --root %s",
-                 sweep, len(jobs), summary or "none", sweep)
+        log.info("sweep %s: %d job%s: %s; tables: python analysis/make_tables.py --root %s",
+                 sweep, len(jobs), "" if len(jobs) == 1 else "s", summary or "none", sweep)
         bad = [job for job in jobs if job["status"] in FAILING]
         for job in bad:
             log.error("%s %s: %s", job["status"], job["folder"], job["message"])

@@ -154,9 +154,9 @@ def test_the_sweep_summary_counts_this_sweeps_jobs_only(tmp_path):
     assert proc.returncode == 1 and "2 jobs: 1 completed, 1 failed" in proc.stdout + proc.stderr
     # A clean re-run of the good job is not failed by the other job's stale record ...
     proc = run_script("ablate/train.py", "-m", *TINY1, f"hydra.sweep.dir={sweep}")
-    assert "1 jobs: 1 skipped" in proc.stdout + proc.stderr
+    assert "1 job: 1 skipped" in proc.stdout + proc.stderr
     # ... and a job refused its folder is counted as refused, failing the sweep.
     with locked(sweep / NAME):
         proc = run_script("ablate/train.py", "-m", *TINY1, f"hydra.sweep.dir={sweep}", check=False)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 1 and "1 jobs: 1 refused" in out and "is in use" in out
+    assert proc.returncode == 1 and "1 job: 1 refused" in out and "is in use" in out
