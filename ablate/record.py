@@ -42,7 +42,7 @@ def differences(stored: dict, current: dict) -> list[str]:
     """The result-affecting settings in which two resolved configs differ: 'key: stored -> current'."""
     a, b = _flat(settings(stored)), _flat(settings(current))
     return [f"{k}: {a.get(k, '<absent>')} -> {b.get(k, '<absent>')}"
-            for k in sorted(a.keys() | b.keys()) if a.get(k, KeyError) != b.get(k, KeyError)]
+            for k in sorted(a.keys() | b.keys()) if k not in a or k not in b or a[k] != b[k]]
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
