@@ -181,12 +181,17 @@ def fused_available() -> bool:
 
 
 def fused_worker(n: int, s: Settings, results) -> None:
-    """Child process: throughput.measure_fused for n members of the seed CNN, as throughput.py calls it."""
+    """Child process: n seed-CNN members as one stacked model, measured by throughput.measure_fused
+    (args, data, device, n) as throughput.py calls it."""
     try:
+        device = torch.device(s.device)
+        setup(device)
         args = throughput.parse_args(["--device", s.device, "--images", str(s.images),
                                       "--epochs", str(s.epochs), "--warmup", str(s.warmup),
+                                      "--batch-size", str(s.batch_size),
                                       "--filters", "8,16,32" if s.tiny else "64,128,256"])
-        results.put({"model": "cnn", "members": n, **throughput.measure_fused(args, n)})
+        row = throughput.measure_fused(args, throughput.load_data(args), device, n)
+        results.put({"model": "cnn", "members": n, **row, "peak_mem_mb": peak_mb(device)})
     except BaseException:
         results.put({"model": "cnn", "members": n, "error": traceback.format_exc(limit=3)})
     finally:

@@ -139,6 +139,24 @@ def test_a_rows_seeds_are_fused_only_where_fusing_measured_faster(tmp_path, monk
     assert f"threads={max(1, (os.cpu_count() or 1) // the_plan['slots'])}" in cmd  # runs share the cores
 
 
+def test_the_fused_hook_calls_throughput_measure_fused_as_throughput_does(monkeypatch):
+    from benchmarks import suite_speed, throughput
+
+    calls = []
+
+    def measure_fused(args, data, device, n):  # the fused branch's signature
+        calls.append((args.filters, len(data.train_y), device.type, n))
+        return {"members": n, "aggregate_images_per_s": 123.0}
+
+    monkeypatch.setattr(throughput, "measure_fused", measure_fused, raising=False)
+    sent = []
+    settings = suite_speed.Settings(device="cpu", images=64, tiny=True)
+    suite_speed.fused_worker(4, settings, type("Queue", (), {"put": staticmethod(sent.append)}))
+    assert calls == [("8,16,32", 64, "cpu", 4)]
+    assert sent == [{"model": "cnn", "members": 4, "aggregate_images_per_s": 123.0,
+                     "peak_mem_mb": None}, None]
+
+
 def test_published_tables_keep_at_most_three_curve_pngs(tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
     (work / "analysis").mkdir(parents=True)
