@@ -224,6 +224,9 @@ class Pool:
         finally:  # also on Ctrl-C or an error here: leave no training process behind
             if any(u.status == "running" for u in self.units):
                 self.stop_running("the suite itself was stopped")
+            for u in self.units:
+                if u.status == "pending":
+                    u.status, u.why = "skipped", "the suite itself was stopped"
 
 
 # ----------------------------------------------------------------------------- reading the runs
