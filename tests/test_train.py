@@ -6,6 +6,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from ablate.loop import Diverged, check_divergence
 from ablate.record import RunRecord
 from ablate.train import run
 from conftest import TINY, compose_cfg
@@ -68,6 +69,25 @@ def test_exploding_loss_is_recorded_as_diverged(tmp_path):
     record, run_dir = train(tmp_path, "div", "optim=sgd", "optim.lr=1e6", "grad_clip=null", "loss=mse")
     assert record.status == "diverged" and "nan" in record.error.lower()
     assert RunRecord.load(run_dir).status == "diverged"
+
+
+@pytest.mark.parametrize("lr,words", [("1e308", "overflowed"), ("1", "exploded")])
+def test_overflowing_step_or_finite_explosion_is_diverged_not_failed(tmp_path, lr, words):
+    # lr=1e308 cannot even be cast to float32 in SGD's update; lr=1 without clipping keeps the
+    # loss finite but an order of magnitude above where it started
+    record, run_dir = train(tmp_path, "div", "optim=sgd", f"optim.lr={lr}", "grad_clip=null",
+                            "epochs=1")
+    assert record.status == "diverged" and words in record.error
+    assert RunRecord.load(run_dir).status == "diverged"
+
+
+def test_non_finite_weights_are_divergence_even_with_a_finite_loss():
+    model = torch.nn.Linear(2, 2)
+    check_divergence(model, epoch_loss=1.0, start_loss=2.3, epoch=1)  # healthy: no complaint
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    with pytest.raises(Diverged, match="weights became non-finite in epoch 3"):
+        check_divergence(model, epoch_loss=1.0, start_loss=2.3, epoch=3)
 
 
 def test_completed_run_is_skipped_when_run_again(tmp_path):
