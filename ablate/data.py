@@ -4,6 +4,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
+import os
 import pickle
 import socket
 from dataclasses import dataclass, fields
@@ -97,6 +99,17 @@ def make_splits(train_x, train_y, test_x, test_y, *, train_size, test_size, val_
 def make_synthetic(num_classes: int = 10, train_size: int = 2000, test_size: int = 500,
                    val_size: int = 0, noise: float = 48.0, seed: int = 0) -> ImageData:
     """A learnable CIFAR-shaped data set: each class has a colour and a smooth pattern, plus noise."""
+    if num_classes < 1 or train_size < 1 or test_size < 1 or val_size < 0:
+        raise ValueError(f"synthetic data needs num_classes, train_size, test_size >= 1 and "
+                         f"val_size >= 0, got {num_classes}, {train_size}, {test_size}, {val_size}")
+    if not (math.isfinite(noise) and noise >= 0):  # NaN noise would give constant images
+        raise ValueError(f"synthetic data needs a finite noise >= 0, got noise={noise}")
+    images = train_size + val_size + test_size
+    # Drawing holds about three float32 copies of a split (template, noise, sum) at once.
+    need, have = images * 3 * 32 * 32 * 13, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise ValueError(f"{images:,} synthetic images need about {need / 2**30:,.0f} GiB to draw; "
+                         f"this machine has {have / 2**30:,.0f} GiB (lower train_size/test_size)")
     g = torch.Generator().manual_seed(seed)
     colours = torch.rand(num_classes, 3, 1, 1, generator=g) * 160 + 48
     # Low-frequency patterns survive the 4-pixel crops and flips of augmentation.

@@ -161,7 +161,8 @@ def check_divergence(model: nn.Module, epoch_loss: float, start_loss: float, epo
                        f"{EXPLODED:g}x the first step's {start_loss:.3g}")
 
 
-def _step_scheduler(scheduler, monitor_loss: float) -> None:
+def step_scheduler(scheduler, monitor_loss: float) -> None:
+    """One epoch's step; ReduceLROnPlateau takes the loss it monitors."""
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         scheduler.step(monitor_loss)
     elif scheduler is not None:
@@ -240,7 +241,7 @@ def fit(model: nn.Module, data: ImageData, *, loss_fn: nn.Module, optimizer, sch
         if swa is not None and swa.covers(epoch):
             swa.update(model)  # SWALR takes over from the run's scheduler
         else:
-            _step_scheduler(scheduler, val["loss"] if has_val else test["loss"])
+            step_scheduler(scheduler, val["loss"] if has_val else test["loss"])
 
         row = dict(epoch=epoch, train_loss=train["loss"], train_acc=train["acc"],
                    test_loss=test["loss"], test_acc=test["acc"], val_loss=val["loss"],

@@ -21,7 +21,7 @@ from ablate.checkpoint import link_seed_name
 from ablate.data import DataError
 from ablate.loop import Diverged, fit, pick_precision
 from ablate.record import RunRecord
-from ablate.validation import ConfigError, validate
+from ablate.validation import ConfigError, dry_run, out_of_memory, validate
 
 log = logging.getLogger("ablate")
 REPO = Path(__file__).resolve().parent.parent
@@ -61,19 +61,21 @@ def pick_device(name: str, job_num: int | None = None) -> torch.device:
 
 def build(cfg: DictConfig, key: str, *args, **kwargs):
     """instantiate cfg[key] (calling a _partial_ one with args); a constructor's complaint about a
-    value becomes a one-line ConfigError naming the key instead of Hydra's wrapped traceback."""
+    value (or a size it cannot allocate) becomes a one-line ConfigError naming the key instead of
+    Hydra's wrapped traceback."""
     try:
         obj = instantiate(cfg[key])
         return obj(*args, **kwargs) if args or kwargs else obj
-    except InstantiationException as err:
-        cause = err.__cause__
+    except Exception as err:
+        # instantiate wraps a constructor's error; a _partial_ object raises its own when called
+        cause = err.__cause__ if isinstance(err, InstantiationException) else err
         if isinstance(cause, DataError):
             raise cause from None
         if isinstance(cause, (ValueError, TypeError)):
             raise ConfigError(f"{key}: {cause}") from None
+        if out_of_memory(cause):
+            raise ConfigError(f"{key}: too big for this machine ({cause})") from None
         raise
-    except (ValueError, TypeError) as err:  # raised when a _partial_ object is finally built
-        raise ConfigError(f"{key}: {err}") from None
 
 
 def apply_scale(cfg: DictConfig) -> None:
@@ -145,6 +147,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str],
         loss_fn = build(cfg, "loss").to(device)
         optimizer = build(cfg, "optim", model.parameters())
         scheduler = build(cfg, "sched", optimizer)
+        dry_run(cfg, model, loss_fn, data)
         record.params = sum(p.numel() for p in model.parameters())
         record.scale, record.data_source = cfg.scale, data.source
         record.train_images, record.val_images, record.test_images = \
@@ -175,6 +178,9 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str],
         raise
     except Exception as err:
         record.status, record.error = "failed", f"{type(err).__name__}: {err}"
+        if out_of_memory(err) and not isinstance(err, ConfigError):  # e.g. a batch too big for the GPU
+            raise ConfigError(f"out of memory on {device} (lower batch_size or the model's "
+                              f"size): {str(err).splitlines()[0]}") from None
         raise
     finally:
         record.wall_seconds += time.perf_counter() - start

@@ -104,3 +104,17 @@ def test_rerun_of_a_different_config_in_the_same_folder_is_refused(tmp_path):
     _, run_dir = train(tmp_path, "same")
     with pytest.raises(ConfigError, match="different config"):
         run(compose_cfg([*TINY, "optim.lr=0.5"]), run_dir, choices={}, overrides=[])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.num_classes=5", "model: gives 5 outputs per image"),       # found by the dry run
+    ("data.train_size=10000000000000", "data: 10,000,000,000,200 synthetic images need"),
+    ("sched.T_max=0", r"sched\.T_max=0 must be an integer >= 1"),      # found by validate
+])
+def test_values_that_cannot_work_stop_the_run_before_any_training(tmp_path, override, message):
+    from ablate.validation import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        train(tmp_path, "bad", override)
+    assert not {"metrics.csv", "checkpoint.pt", "best_model.pth"} & {
+        p.name for p in (tmp_path / "bad").iterdir()}
