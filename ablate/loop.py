@@ -216,6 +216,8 @@ def fit(model: nn.Module, data: ImageData, *, loss_fn: nn.Module, optimizer, sch
         if device.type == "cuda" and ckpt.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
         log.info("resuming %s after epoch %d", run_dir, state.epoch)
+    summarize(state.rows, record)  # a resumed run's record keeps the accuracies it had
+    record.save(run_dir)  # status "running"
 
     has_val = len(data.val_y) > 0
     best_key = "val_acc" if has_val else "test_acc"

@@ -1,6 +1,7 @@
 """Train one configuration: `python ablate/train.py [-m] group=option key=value ...`."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import signal
@@ -20,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from ablate.checkpoint import link_seed_name
 from ablate.data import DataError
 from ablate.loop import Diverged, fit, pick_precision
-from ablate.record import RunRecord
+from ablate.record import RunRecord, WriteError
 from ablate.validation import ConfigError, dry_run, out_of_memory, validate
 
 log = logging.getLogger("ablate")
@@ -160,7 +161,6 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str],
         # Off while swa.start_epoch is null; built after channels_last so its copy matches.
         swa = build(cfg, "swa", model, optimizer) \
             if cfg.get("swa") and cfg.swa.start_epoch is not None else None
-        record.save(run_dir)
         fit(model, data, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
             epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, run_dir=run_dir,
             record=record, l1_lambda=cfg.l1_lambda, grad_clip=cfg.grad_clip,
@@ -191,8 +191,9 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str],
 def _record_failure(run_dir: Path, choices: dict, overrides: list[str], err: BaseException) -> None:
     """Leave a failed record for analysis when the run died before writing its own."""
     if not (run_dir / "result.json").exists():
-        RunRecord(status="failed", choices=choices, overrides=overrides,
-                  error=f"{type(err).__name__}: {err}").save(run_dir)
+        with contextlib.suppress(WriteError):  # the error that brought us here says it already
+            RunRecord(status="failed", choices=choices, overrides=overrides,
+                      error=f"{type(err).__name__}: {err}").save(run_dir)
 
 
 @hydra.main(version_base="1.3", config_path=str(REPO / "conf"), config_name="config")
@@ -210,7 +211,7 @@ def main(cfg: DictConfig) -> float | None:
         log.error("interrupted by %s; the last finished epoch is saved in %s: run the same command "
                   "again to resume", err, run_dir)
         sys.exit(130 if str(err) == "SIGINT" else 143)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, WriteError) as err:
         _record_failure(run_dir, choices, list(hc.overrides.task), err)
         if in_sweep:
             log.error("%s", err)
