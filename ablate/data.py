@@ -218,9 +218,17 @@ def _image_files(split_dir: Path) -> list[tuple[Path, int]]:
 
 
 def _fingerprint(files: list[tuple[Path, int]]) -> str:
+    """A key that changes whenever any image's content may have: names, sizes, mtimes and ctimes.
+
+    The kernel sets a file's ctime on every write or replacement and no tool can set it back
+    (unlike the mtime, which `touch -r`, `cp -p` and tar restore), so same-size new content is
+    noticed without reading 60,000 files (one stat each: about 1 s; hashing them: 2-14 s).
+    """
     h = hashlib.sha256()
     for f, label in files:
-        h.update(f"{f.parent.name}/{f.name}:{f.stat().st_size}:{label}\n".encode())
+        st = f.stat()
+        h.update(f"{f.parent.name}/{f.name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:"
+                  f"{label}\n".encode())
     return h.hexdigest()
 
 
