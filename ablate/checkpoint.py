@@ -10,16 +10,19 @@ from pathlib import Path
 
 import torch
 
+from ablate.record import replacing
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save to a temporary file, then rename (see record.replacing)."""
+    # Through a Python file, so that a full disk raises OSError (ENOSPC) rather than torch's
+    # RuntimeError from its C++ writer.
+    with replacing(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def save_checkpoint(run_dir: Path, *, identity: str, state, model, optimizer, scheduler, generator,
@@ -97,5 +100,6 @@ def link_seed_name(run_dir: Path, model, loss_fn, optimizer, scheduler, acc: flo
     try:
         os.link(best, target)
     except OSError:
-        shutil.copyfile(best, target)
+        with replacing(target) as tmp:
+            shutil.copyfile(best, tmp)
     return target.name

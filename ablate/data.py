@@ -4,6 +4,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
+import os
 import pickle
 import socket
 from dataclasses import dataclass, fields
@@ -97,6 +99,17 @@ def make_splits(train_x, train_y, test_x, test_y, *, train_size, test_size, val_
 def make_synthetic(num_classes: int = 10, train_size: int = 2000, test_size: int = 500,
                    val_size: int = 0, noise: float = 48.0, seed: int = 0) -> ImageData:
     """A learnable CIFAR-shaped data set: each class has a colour and a smooth pattern, plus noise."""
+    if num_classes < 1 or train_size < 1 or test_size < 1 or val_size < 0:
+        raise ValueError(f"synthetic data needs num_classes, train_size, test_size >= 1 and "
+                         f"val_size >= 0, got {num_classes}, {train_size}, {test_size}, {val_size}")
+    if not (math.isfinite(noise) and noise >= 0):  # NaN noise would give constant images
+        raise ValueError(f"synthetic data needs a finite noise >= 0, got noise={noise}")
+    images = train_size + val_size + test_size
+    # Drawing holds about three float32 copies of a split (template, noise, sum) at once.
+    need, have = images * 3 * 32 * 32 * 13, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise ValueError(f"{images:,} synthetic images need about {need / 2**30:,.0f} GiB to draw; "
+                         f"this machine has {have / 2**30:,.0f} GiB (lower train_size/test_size)")
     g = torch.Generator().manual_seed(seed)
     colours = torch.rand(num_classes, 3, 1, 1, generator=g) * 160 + 48
     # Low-frequency patterns survive the 4-pixel crops and flips of augmentation.
@@ -205,9 +218,17 @@ def _image_files(split_dir: Path) -> list[tuple[Path, int]]:
 
 
 def _fingerprint(files: list[tuple[Path, int]]) -> str:
+    """A key that changes whenever any image's content may have: names, sizes, mtimes and ctimes.
+
+    The kernel sets a file's ctime on every write or replacement and no tool can set it back
+    (unlike the mtime, which `touch -r`, `cp -p` and tar restore), so same-size new content is
+    noticed without reading 60,000 files (one stat each: about 1 s; hashing them: 2-14 s).
+    """
     h = hashlib.sha256()
     for f, label in files:
-        h.update(f"{f.parent.name}/{f.name}:{f.stat().st_size}:{label}\n".encode())
+        st = f.stat()
+        h.update(f"{f.parent.name}/{f.name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:"
+                  f"{label}\n".encode())
     return h.hexdigest()
 
 

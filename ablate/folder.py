@@ -39,8 +39,9 @@ def locked(run_dir: Path):
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break
         os.close(fd)
-    os.write(fd, f"{os.getpid()}\n".encode())
     try:
+        with contextlib.suppress(OSError):  # the pid only names the holder; a full disk refuses it
+            os.write(fd, f"{os.getpid()}\n".encode())
         yield
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ablate.loop import STEPS_FILE  # the loop's per-step log; its length says where a resumed run starts
-from ablate.record import write_atomic
+from ablate.record import WriteError, write_atomic
 
 LANDSCAPE_FILE = "landscape.csv"
 COLUMNS = ("step", "multiplier", "eta", "loss0", "loss", "grad_dist", "step_norm", "grad_norm")
@@ -65,8 +65,11 @@ class LandscapeProbe:
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         if self.step % self.every == 0:
             rows = self.probe(inputs, targets)
-            with open(self.path, "a", newline="") as fh:  # whole rows per probe, flushed on close
-                csv.DictWriter(fh, fieldnames=COLUMNS).writerows(rows)
+            try:
+                with open(self.path, "a", newline="") as fh:  # whole rows per probe, flushed on close
+                    csv.DictWriter(fh, fieldnames=COLUMNS).writerows(rows)
+            except OSError as err:
+                raise WriteError(err.errno, f"cannot write {self.path}: {err.strerror}") from None
         self.step += 1
 
     def _loss_and_grad(self, params, inputs, targets) -> tuple[float, list[torch.Tensor]]:

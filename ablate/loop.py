@@ -28,7 +28,12 @@ STEPS_FILE = "steps.csv"
 
 
 class Diverged(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """Training blew up: a non-finite loss or weight, an overflowing step, or an exploded loss."""
+
+
+# An epoch whose mean training loss is this many times the run's first-step loss has diverged
+# (a healthy run's loss falls from its start; one at 10x is predicting confidently and wrongly).
+EXPLODED = 10.0
 
 
 @dataclass
@@ -68,11 +73,13 @@ def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_
                     l1_lambda: float = 0.0, grad_clip: float | None = None,
                     precision: Precision = Precision(), step_losses: list | None = None,
                     before_step: Callable | None = None, desc: str = "train") -> dict[str, float]:
-    """One pass over (x, y) with augmentation; returns mean data loss and accuracy."""
+    """One pass over (x, y) with augmentation; returns mean data loss and accuracy, and the
+    loss of the first step (the reference that divergence is judged against)."""
     model.train()
     device = x.device
     total_loss = torch.zeros((), device=device)  # accumulated on the device: one sync per epoch
     correct = torch.zeros((), device=device, dtype=torch.long)
+    first_loss = None
     seen = 0
     # A disabled scaler passes everything straight through to backward() and optimizer.step().
     scaler = precision.scaler or torch.amp.GradScaler(device.type, enabled=False)
@@ -91,14 +98,24 @@ def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_
         if grad_clip:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        scaler.step(optimizer)  # skipped when a scaled fp16 gradient overflowed
+        try:
+            scaler.step(optimizer)  # skipped when a scaled fp16 gradient overflowed
+        except RuntimeError as err:
+            # A finite but huge update (e.g. lr=1e308) overflows when the step casts it to the
+            # weights' dtype: that is the run blowing up, not a bug in the code.
+            if "overflow" not in str(err):
+                raise
+            raise Diverged(f"the optimizer step overflowed ({err})") from None
         scaler.update()
+        if first_loss is None:
+            first_loss = loss.detach()
         total_loss += loss.detach() * len(targets)
         correct += (logits.argmax(1) == targets).sum()
         seen += len(targets)
         if step_losses is not None:
             step_losses.append(loss.detach())
-    return {"loss": total_loss.item() / seen, "acc": correct.item() / seen, "images": seen}
+    total, first = torch.stack([total_loss, first_loss]).tolist()  # the epoch's one sync
+    return {"loss": total / seen, "first_loss": first, "acc": correct.item() / seen, "images": seen}
 
 
 @torch.no_grad()
@@ -124,9 +141,28 @@ class FitState:
     rows: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
     train_images: int = 0
+    start_loss: float | None = None  # the run's first training step's loss
 
 
-def _step_scheduler(scheduler, monitor_loss: float) -> None:
+def all_finite(model: nn.Module) -> bool:
+    """Whether every floating-point weight and buffer is finite (one device sync)."""
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
+
+
+def check_divergence(model: nn.Module, epoch_loss: float, start_loss: float, epoch: int) -> None:
+    """Raise Diverged when this epoch's training blew up (see EXPLODED and README)."""
+    if not math.isfinite(epoch_loss):
+        raise Diverged(f"training loss became {epoch_loss} in epoch {epoch}")
+    if not all_finite(model):
+        raise Diverged(f"weights became non-finite in epoch {epoch}")
+    if epoch_loss > EXPLODED * start_loss > 0:
+        raise Diverged(f"training loss exploded to {epoch_loss:.3g} in epoch {epoch}, over "
+                       f"{EXPLODED:g}x the first step's {start_loss:.3g}")
+
+
+def step_scheduler(scheduler, monitor_loss: float) -> None:
+    """One epoch's step; ReduceLROnPlateau takes the loss it monitors."""
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         scheduler.step(monitor_loss)
     elif scheduler is not None:
@@ -158,7 +194,7 @@ def fit(model: nn.Module, data: ImageData, *, loss_fn: nn.Module, optimizer, sch
 
     With log_steps, every step's training loss goes to steps.csv. `before_step(inputs, targets)`
     runs before each optimizer step (e.g. a loss-landscape probe). Raises Diverged when the
-    training loss stops being finite. With `swa`, its averaged model is evaluated at the end
+    training blows up (check_divergence). With `swa`, its averaged model is evaluated at the end
     into record.extra (swa_test_acc, ...).
     """
     device = data.train_x.device
@@ -180,6 +216,8 @@ def fit(model: nn.Module, data: ImageData, *, loss_fn: nn.Module, optimizer, sch
         if device.type == "cuda" and ckpt.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
         log.info("resuming %s after epoch %d", run_dir, state.epoch)
+    summarize(state.rows, record)  # a resumed run's record keeps the accuracies it had
+    record.save(run_dir)  # status "running"
 
     has_val = len(data.val_y) > 0
     best_key = "val_acc" if has_val else "test_acc"
@@ -196,15 +234,16 @@ def fit(model: nn.Module, data: ImageData, *, loss_fn: nn.Module, optimizer, sch
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-        if not math.isfinite(train["loss"]):
-            raise Diverged(f"training loss became {train['loss']} in epoch {epoch}")
+        if state.start_loss is None:
+            state.start_loss = train["first_loss"]
+        check_divergence(model, train["loss"], state.start_loss, epoch)
         test = evaluate(model, data.test_x, data.test_y, loss_fn=loss_fn, precision=precision)
         val = evaluate(model, data.val_x, data.val_y, loss_fn=loss_fn, precision=precision) \
             if has_val else {"loss": None, "acc": None}
         if swa is not None and swa.covers(epoch):
             swa.update(model)  # SWALR takes over from the run's scheduler
         else:
-            _step_scheduler(scheduler, val["loss"] if has_val else test["loss"])
+            step_scheduler(scheduler, val["loss"] if has_val else test["loss"])
 
         row = dict(epoch=epoch, train_loss=train["loss"], train_acc=train["acc"],
                    test_loss=test["loss"], test_acc=test["acc"], val_loss=val["loss"],

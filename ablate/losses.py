@@ -1,6 +1,8 @@
 """Losses PyTorch lacks. Label smoothing is torch's CrossEntropyLoss(label_smoothing=...)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,6 +13,11 @@ class FocalLoss(nn.Module):
 
     def __init__(self, alpha: float = 1.0, gamma: float = 2.0, reduction: str = "mean"):
         super().__init__()
+        for name, value in (("alpha", alpha), ("gamma", gamma)):
+            if not (math.isfinite(value) and value >= 0):  # a negative one makes the loss negative
+                raise ValueError(f"focal loss needs {name} >= 0, got {name}={value}")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"focal loss reduction must be mean or sum, got {reduction!r}")
         self.alpha, self.gamma, self.reduction = alpha, gamma, reduction
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -25,6 +32,8 @@ class OneHotMSELoss(nn.Module):
 
     def __init__(self, num_classes: int = 10):
         super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"one-hot MSE needs num_classes >= 1, got {num_classes}")
         self.num_classes = num_classes
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

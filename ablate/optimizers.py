@@ -1,6 +1,8 @@
 """Optimizers PyTorch lacks."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.optim import Optimizer
 
@@ -9,11 +11,12 @@ class SignSGD(Optimizer):
     """p <- p - lr * sign(m), with m = momentum * m + (grad + weight_decay * p); momentum 0 gives sign(grad)."""
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, weight_decay: float = 0.0):
-        if lr <= 0:
+        # written so that NaN fails every test: `nan <= 0` is False
+        if not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"Invalid learning rate: {lr}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"Invalid momentum: {momentum}")
-        if weight_decay < 0:
+        if not (math.isfinite(weight_decay) and weight_decay >= 0):
             raise ValueError(f"Invalid weight_decay: {weight_decay}")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
 

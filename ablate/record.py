@@ -1,6 +1,7 @@
 """The typed run record (result.json) and per-epoch metrics (metrics.csv), written atomically."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import hashlib
@@ -102,14 +103,38 @@ class RunRecord:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path` and rename it: a crash never leaves half a file."""
+class WriteError(OSError):
+    """A run's file could not be written (disk full, read-only folder); the old file is intact."""
+
+    def __str__(self) -> str:
+        return self.strerror  # "cannot write <path>: <reason>", without OSError's [Errno N]
+
+
+@contextlib.contextmanager
+def replacing(path: Path):
+    """Yield a temporary path beside `path` to write; on success it is renamed over `path`, so
+    readers never see half a file. On any failure it is removed and `path` is left as it was;
+    an OSError (disk full, read-only folder) becomes a one-line WriteError naming `path`."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except Exception as err:
+        # torch.save's zip writer meets an OSError and then fails again closing the archive
+        cause = err if isinstance(err, OSError) else err.__context__
+        if not isinstance(cause, OSError):
+            raise
+        raise WriteError(cause.errno, f"cannot write {path}: {cause.strerror or cause}") from None
+    finally:
+        tmp.unlink(missing_ok=True)  # already gone after a successful rename
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename (see `replacing`)."""
+    with replacing(path) as tmp, open(tmp, "w") as fh:
         fh.write(text)
         fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+        os.fsync(fh.fileno())  # on disk before the rename, so a power cut leaves old or new
 
 
 def write_metrics(rows: list[dict[str, Any]], run_dir: Path) -> None:

@@ -1,6 +1,7 @@
 """Train one configuration: `python ablate/train.py [-m] group=option key=value ...`."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -22,8 +23,9 @@ from ablate.checkpoint import CHECKPOINT_FILE, link_seed_name, peek_checkpoint, 
 from ablate.data import DataError
 from ablate.folder import FolderRefused, accept, locked, logging_to, write_hydra
 from ablate.loop import Diverged, fit, pick_precision
-from ablate.record import METRICS_FILE, RESULT_FILE, RunRecord, identity, write_metrics
-from ablate.validation import ConfigError, validate
+from ablate.record import (METRICS_FILE, RESULT_FILE, RunRecord, WriteError, identity,
+                           write_metrics)
+from ablate.validation import ConfigError, dry_run, out_of_memory, validate
 
 log = logging.getLogger("ablate")
 REPO = Path(__file__).resolve().parent.parent
@@ -63,19 +65,21 @@ def pick_device(name: str, job_num: int | None = None) -> torch.device:
 
 def build(cfg: DictConfig, key: str, *args, **kwargs):
     """instantiate cfg[key] (calling a _partial_ one with args); a constructor's complaint about a
-    value becomes a one-line ConfigError naming the key instead of Hydra's wrapped traceback."""
+    value (or a size it cannot allocate) becomes a one-line ConfigError naming the key instead of
+    Hydra's wrapped traceback."""
     try:
         obj = instantiate(cfg[key])
         return obj(*args, **kwargs) if args or kwargs else obj
-    except InstantiationException as err:
-        cause = err.__cause__
+    except Exception as err:
+        # instantiate wraps a constructor's error; a _partial_ object raises its own when called
+        cause = err.__cause__ if isinstance(err, InstantiationException) else err
         if isinstance(cause, DataError):
             raise cause from None
         if isinstance(cause, (ValueError, TypeError)):
             raise ConfigError(f"{key}: {cause}") from None
+        if out_of_memory(cause):
+            raise ConfigError(f"{key}: too big for this machine ({cause})") from None
         raise
-    except (ValueError, TypeError) as err:  # raised when a _partial_ object is finally built
-        raise ConfigError(f"{key}: {err}") from None
 
 
 def read_record(run_dir: Path) -> RunRecord | None:
@@ -150,6 +154,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str],
         loss_fn = build(cfg, "loss").to(device)
         optimizer = build(cfg, "optim", model.parameters())
         scheduler = build(cfg, "sched", optimizer)
+        dry_run(cfg, model, loss_fn, data)
         record.params = sum(p.numel() for p in model.parameters())
         record.scale, record.data_source = cfg.scale, data.source
         record.train_images, record.val_images, record.test_images = \
@@ -162,7 +167,6 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str],
         # Off while swa.start_epoch is null; built after channels_last so its copy matches.
         swa = build(cfg, "swa", model, optimizer) \
             if cfg.get("swa") and cfg.swa.start_epoch is not None else None
-        record.save(run_dir)
         state = fit(model, data, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
                     epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, run_dir=run_dir,
                     record=record, l1_lambda=cfg.l1_lambda, grad_clip=cfg.grad_clip,
@@ -180,6 +184,9 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str],
         raise
     except Exception as err:
         record.status, record.error = "failed", f"{type(err).__name__}: {err}"
+        if out_of_memory(err) and not isinstance(err, ConfigError):  # e.g. a batch too big for the GPU
+            raise ConfigError(f"out of memory on {device} (lower batch_size or the model's "
+                              f"size): {str(err).splitlines()[0]}") from None
         raise
     finally:
         record.wall_seconds += time.perf_counter() - start
@@ -192,8 +199,9 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str],
 def _record_failure(run_dir: Path, choices: dict, overrides: list[str], err: BaseException) -> None:
     """Leave a failed record for analysis when the run died before writing its own."""
     if not (run_dir / RESULT_FILE).exists():
-        RunRecord(status="failed", choices=choices, overrides=overrides,
-                  error=f"{type(err).__name__}: {err}").save(run_dir)
+        with contextlib.suppress(WriteError):  # the error that brought us here says it already
+            RunRecord(status="failed", choices=choices, overrides=overrides,
+                      error=f"{type(err).__name__}: {err}").save(run_dir)
 
 
 @hydra.main(version_base="1.3", config_path=str(REPO / "conf"), config_name="config")
@@ -213,6 +221,11 @@ def main(cfg: DictConfig) -> JobOutcome:
         if in_sweep:
             log.error("refused: %s", err)
             return JobOutcome("refused", str(err))
+        sys.exit(f"error: {err}")
+    except WriteError as err:  # .hydra/ could not be written: the disk is full or read-only
+        if in_sweep:
+            log.error("%s", err)
+            return JobOutcome("failed", str(err))
         sys.exit(f"error: {err}")
     finally:
         for s, h in handlers.items():
@@ -235,7 +248,7 @@ def _run_job(cfg: DictConfig, hc, run_dir: Path, in_sweep: bool) -> JobOutcome:
         log.error("interrupted by %s; the last finished epoch is saved in %s: run the same command "
                   "again to resume", err, run_dir)
         sys.exit(130 if str(err) == "SIGINT" else 143)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, WriteError) as err:
         _record_failure(run_dir, choices, overrides, err)
         if in_sweep:
             log.error("%s", err)

@@ -1,10 +1,22 @@
-"""Checks on a composed config that catch impossible values before any work is done."""
+"""Checks that catch impossible values before the first epoch.
+
+`validate` reads the composed config: the small rule list below (what no constructor checks),
+plus two walks over every key of every option (finite numbers; the scalar types that each
+`_target_`'s signature accepts). `dry_run` tries the built objects: the schedule stepped
+through every epoch on a throwaway optimizer, and two images through the model and loss.
+"""
 from __future__ import annotations
 
+import inspect
 import math
 import re
 
+import torch
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
+
+from ablate.data import normalize
+from ablate.loop import step_scheduler
 
 
 class ConfigError(ValueError):
@@ -15,8 +27,12 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def _positive_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    return _count(v) and v >= 1
 
 
 # key -> (test, what the value must be); keys absent from a config are skipped.
@@ -24,13 +40,15 @@ RULES = {
     "epochs": (_positive_int, "an integer >= 1"),
     "batch_size": (_positive_int, "an integer >= 1"),
     "scale": (lambda v: _number(v) and v > 0, "a number > 0"),
-    "seed": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    "seed": (_count, "an integer >= 0"),
     "l1_lambda": (lambda v: _number(v) and v >= 0, "a number >= 0"),
     "grad_clip": (lambda v: v is None or (_number(v) and v > 0), "null or a number > 0"),
     "device": (lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
                "one of auto, cpu, cuda, cuda:N"),
     "precision": (lambda v: v in ("auto", "fp32", "bf16", "fp16"), "one of auto, fp32, bf16, fp16"),
     "compile": (lambda v: isinstance(v, bool), "true or false"),
+    "save_weights": (lambda v: isinstance(v, bool), "true or false"),
+    "log_steps": (lambda v: isinstance(v, bool), "true or false"),
     "threads": (lambda v: v is None or _positive_int(v), "null or an integer >= 1"),
     "cuda_memory_fraction": (lambda v: v is None or (_number(v) and 0 < v <= 1),
                              "null or a number in (0, 1]"),
@@ -46,31 +64,153 @@ RULES = {
                      and all(_positive_int(f) for f in v), "a non-empty list of integers >= 1"),
     "probe.every": (_positive_int, "an integer >= 1"),
     "loss.label_smoothing": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "loss.gamma": (lambda v: _number(v) and v >= 0, "a number >= 0"),
     "model.activation.negative_slope": (lambda v: _number(v) and v >= 0, "a number >= 0"),
     "data.train_size": (lambda v: v is None or _positive_int(v), "null or an integer >= 1"),
     "data.test_size": (lambda v: v is None or _positive_int(v), "null or an integer >= 1"),
-    "data.val_size": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    "data.val_size": (_count, "an integer >= 0"),
     "swa.start_epoch": (lambda v: v is None or _positive_int(v), "null or an integer >= 1"),
     "swa.lr": (lambda v: _number(v) and v > 0, "a number > 0"),
-    "swa.anneal_epochs": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    "swa.anneal_epochs": (_count, "an integer >= 0"),
     "swa.anneal_strategy": (lambda v: v in ("cos", "linear"), "one of cos, linear"),
+    # torch's schedulers check few of their arguments; these are the ones that, out of range,
+    # train silently (a negative period acts like a positive one, a negative patience cuts the
+    # lr every epoch) rather than fail when the schedule is stepped (see dry_run)
+    "sched.step_size": (_positive_int, "an integer >= 1"),
+    "sched.T_max": (_positive_int, "an integer >= 1"),
+    "sched.gamma": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "sched.factor": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "sched.patience": (_count, "an integer >= 0"),
+    "sched.cooldown": (_count, "an integer >= 0"),
+    "sched.total_iters": (_count, "an integer >= 0"),
+    "sched.eta_min": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "sched.min_lr": (lambda v: _number(v) and v >= 0, "a number >= 0"),
 }
+
+
+def _leaves(node, path: str = ""):
+    """(dotted key, value) of every scalar in a plain (resolved) config."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaves(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _leaves(value, f"{path}[{i}]")
+    else:
+        yield path, node
+
+
+def _targets(node, path: str = ""):
+    """(dotted key, node) of every option with a _target_ in a plain config."""
+    if isinstance(node, dict):
+        if "_target_" in node:
+            yield path, node
+        for key, value in node.items():
+            yield from _targets(value, f"{path}.{key}" if path else str(key))
+
+
+def _scalar_kinds(param: inspect.Parameter) -> set[str]:
+    """Which of bool, int, float a constructor argument accepts, from its annotation or default."""
+    hint = param.annotation
+    if hint is inspect.Parameter.empty:
+        default = param.default
+        hint = "" if default is None or default is inspect.Parameter.empty else type(default)
+    text = hint if isinstance(hint, str) else inspect.formatannotation(hint)
+    return set(re.findall(r"\b(bool|int|float)\b", text))
+
+
+def _type_problems(path: str, node: dict) -> dict[str, tuple]:
+    """Values of a _target_ option that its constructor's signature does not take: a boolean
+    for a number (torch would read true as 1), a fraction for an integer, a number for a flag."""
+    try:
+        params = inspect.signature(get_object(node["_target_"])).parameters
+    except Exception:  # an unknown target fails clearly when it is built
+        return {}
+    problems = {}
+    for key, value in node.items():
+        if key.startswith("_") or key not in params or isinstance(value, (dict, list, str)):
+            continue
+        kinds, where = _scalar_kinds(params[key]), f"{path}.{key}"
+        if isinstance(value, bool) and kinds and "bool" not in kinds:
+            problems[where] = value, f"a number ({' or '.join(sorted(kinds))}), not true/false"
+        elif isinstance(value, float) and kinds == {"int"} and not value.is_integer():
+            problems[where] = value, "an integer"
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and kinds == {"bool"}:
+            problems[where] = value, "true or false"
+    return problems
 
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming every key whose value is impossible."""
-    problems = []
+    problems = {}  # key -> (value, what it must be); the first complaint about a key wins
     for key, (ok, must_be) in RULES.items():
         if OmegaConf.select(cfg, key, default="<absent>") == "<absent>":
             continue
         value = OmegaConf.select(cfg, key)
         value = OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
         if not ok(value):
-            problems.append(f"{key}={value!r} must be {must_be}")
+            problems[key] = value, must_be
+    plain = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
+    for key, value in _leaves(plain):
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.setdefault(key, (value, "a finite number"))
+    for path, node in _targets(plain):
+        for key, complaint in _type_problems(path, node).items():
+            problems.setdefault(key, complaint)
     start = OmegaConf.select(cfg, "swa.start_epoch")
     if _positive_int(start) and _positive_int(cfg.get("epochs")) and start > cfg.epochs:
         # no epoch would be averaged, so the run would silently report no SWA result
-        problems.append(f"swa.start_epoch={start} must be <= epochs={cfg.epochs}")
+        problems.setdefault("swa.start_epoch", (start, f"<= epochs={cfg.epochs}"))
     if problems:
-        raise ConfigError("invalid config: " + "; ".join(problems))
+        raise ConfigError("invalid config: " + "; ".join(
+            f"{key}={value!r} must be {must_be}" for key, (value, must_be) in problems.items()))
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether err is a failed allocation (CPU or GPU): a size this machine cannot hold."""
+    return (isinstance(err, (MemoryError, torch.OutOfMemoryError))
+            or "can't allocate memory" in str(err))
+
+
+def dry_run(cfg: DictConfig, model: torch.nn.Module, loss_fn: torch.nn.Module, data) -> None:
+    """Try the built objects before the first epoch; raise ConfigError on what only that shows."""
+    _check_schedule(cfg)
+    _check_forward(model, loss_fn, data)
+
+
+def _check_schedule(cfg: DictConfig) -> None:
+    """Step the configured optimizer and scheduler, on one throwaway parameter, through every
+    epoch the run will schedule: a zero period, or a factor that sends the learning rate
+    negative or to infinity, fails here instead of after a full epoch (or never)."""
+    optimizer = instantiate(cfg.optim)([torch.zeros(1, requires_grad=True)])
+    scheduler = instantiate(cfg.sched)(optimizer)
+    swa_start = OmegaConf.select(cfg, "swa.start_epoch")
+    settings = ", ".join(f"sched.{k}={v}" for k, v in cfg.sched.items() if not k.startswith("_"))
+    for epoch in range(1, min(cfg.epochs, swa_start or cfg.epochs) + 1):  # SWALR takes over
+        try:
+            optimizer.step()  # no gradient, so nothing moves; torch wants it before the scheduler's
+            step_scheduler(scheduler, 1.0)
+        except (ArithmeticError, ValueError, TypeError, RuntimeError) as err:
+            raise ConfigError(f"sched: stepping {type(scheduler).__name__} fails after epoch "
+                              f"{epoch} ({type(err).__name__}: {err}); {settings}") from None
+        for group in optimizer.param_groups:
+            lr = float(group["lr"])
+            if not (math.isfinite(lr) and lr >= 0):
+                raise ConfigError(f"sched: the learning rate becomes {lr:g} after epoch {epoch}; "
+                                  f"{settings}")
+
+
+@torch.no_grad()
+def _check_forward(model: torch.nn.Module, loss_fn: torch.nn.Module, data) -> None:
+    """Two training images through the model (eval mode: no BN statistics change) and the loss."""
+    inputs, targets = normalize(data.train_x[:2]), data.train_y[:2]
+    training = model.training
+    logits = model.eval()(inputs)  # (2, classes)
+    model.train(training)
+    classes = len(data.classes)
+    if logits.shape != (len(targets), classes):
+        raise ConfigError(f"model: gives {logits.shape[-1]} outputs per image, the data has "
+                          f"{classes} classes (model.num_classes vs data.num_classes)")
+    loss = float(loss_fn(logits.float(), targets))
+    if not (math.isfinite(loss) and loss >= 0):
+        raise ConfigError(f"loss: {type(loss_fn).__name__} of the untrained model on two training "
+                          f"images is {loss:g}; a classification loss is finite and >= 0")

@@ -1,12 +1,16 @@
 """Every option of every config group composes, instantiates and works; bad input fails clearly."""
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from hydra.utils import instantiate
 
+from ablate.data import make_synthetic
+from ablate.losses import FocalLoss
 from ablate.models import CNN
-from ablate.validation import ConfigError, validate
+from ablate.optimizers import SignSGD
+from ablate.validation import ConfigError, dry_run, validate
 from conftest import CONF, compose_cfg, run_script
 
 GROUPS = ["model", "model/activation", "loss", "optim", "sched", "data"]
@@ -107,3 +111,78 @@ def test_a_constructor_rejecting_a_value_names_the_group(tmp_path):
                       f"hydra.run.dir={tmp_path}", check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip() == "error: model: model.filters has 6 blocks; at most 5 fit a 32x32 image"
+
+
+@pytest.mark.parametrize("overrides,named", [
+    (["seed=true"], "seed=True must be an integer"),
+    (["data=synthetic", "data.train_size=true"], "data.train_size=True"),
+    (["model/activation=elu", "model.activation.alpha=false"],
+     "model.activation.alpha=False must be a number (float), not true/false"),
+    (["data=synthetic", "data.noise=nan"], "data.noise=nan must be a finite number"),
+    (["optim.weight_decay=inf"], "optim.weight_decay=inf"),
+    (["sched=step", "sched.step_size=0"], "sched.step_size=0 must be an integer >= 1"),
+    (["sched=step", "sched.step_size=2.5"], "sched.step_size=2.5"),
+    (["sched.T_max=0"], "sched.T_max=0 must be an integer >= 1"),
+    (["sched=step", "sched.gamma=-0.1"], "sched.gamma=-0.1 must be a number >= 0"),
+    (["sched=plateau", "sched.factor=-1"], "sched.factor=-1 must be a number >= 0"),
+    (["sched=plateau", "sched.patience=-1"], "sched.patience=-1"),
+    (["model.batchnorm=3"], "model.batchnorm=3 must be true or false"),
+    (["save_weights=2"], "save_weights=2 must be true or false"),
+])
+def test_every_key_of_every_option_is_checked(overrides, named):
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        validate(compose_cfg(overrides))
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: FocalLoss(alpha=-1.0), "alpha >= 0"),
+    (lambda: FocalLoss(gamma=float("nan")), "gamma >= 0"),
+    (lambda: FocalLoss(reduction="none"), "mean or sum"),
+    (lambda: make_synthetic(noise=float("nan")), "finite noise"),
+    (lambda: make_synthetic(train_size=10**13), "GiB to draw"),
+    (lambda: SignSGD([torch.zeros(1)], lr=float("nan")), "learning rate"),
+])
+def test_our_constructors_reject_values_outside_their_domain(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def _built(overrides):
+    cfg = compose_cfg(["data=synthetic", "data.train_size=20", "data.test_size=10",
+                       "model.filters=[8,16,32]", *overrides])
+    return cfg, instantiate(cfg.model), instantiate(cfg.loss), instantiate(cfg.data)
+
+
+def test_dry_run_passes_a_good_config():
+    dry_run(*_built([]))
+
+
+@pytest.mark.parametrize("sched,message", [
+    # what no rule lists: a scheduler the user adds, stepped through every epoch
+    ({"_target_": "torch.optim.lr_scheduler.ExponentialLR", "gamma": 1e100},
+     "learning rate becomes inf after epoch 4"),
+    ({"_target_": "torch.optim.lr_scheduler.ExponentialLR", "gamma": -0.5},
+     "learning rate becomes -0.0005 after epoch 1"),
+    ({"_target_": "torch.optim.lr_scheduler.StepLR", "step_size": 0},
+     "stepping StepLR fails after epoch 1 (ZeroDivisionError"),
+])
+def test_dry_run_steps_the_schedule_through_every_epoch(sched, message):
+    cfg, *built = _built(["epochs=10"])
+    cfg.sched = {**sched, "_partial_": True}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        dry_run(cfg, *built)
+
+
+def test_dry_run_pushes_images_through_the_model_and_loss():
+    cfg, model, loss_fn, data = _built(["model.num_classes=5"])
+    with pytest.raises(ConfigError, match="gives 5 outputs per image, the data has 10 classes"):
+        dry_run(cfg, model, loss_fn, data)
+
+    class Negative(torch.nn.Module):
+        def forward(self, logits, targets):
+            return -logits.pow(2).mean()
+
+    cfg, model, _, data = _built([])
+    with pytest.raises(ConfigError, match="loss: Negative of the untrained model"):
+        dry_run(cfg, model, Negative(), data)
+    assert model.training  # the check leaves the model as it found it

@@ -1,3 +1,4 @@
+import os
 import pickle
 from urllib.error import URLError
 
@@ -132,3 +133,19 @@ def test_failed_download_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
     with pytest.raises(D.DataError, match="the download failed .*URLError.*data.root="):
         D.load_cifar10(str(tmp_path), download=True)
+
+
+def test_same_size_new_content_rebuilds_the_cache(tmp_path):
+    from PIL import Image
+
+    write_image_tree(tmp_path, {"train": 2, "test": 1})
+    image = tmp_path / "train" / "airplane" / "0000.png"
+    before = np.zeros((32, 32, 3), dtype=np.uint8)
+    Image.fromarray(before).save(image, compress_level=0)  # stored: the size depends on shape only
+    stat = image.stat()
+    assert torch.equal(D.load_cifar10(str(tmp_path), download=False).train_x[0],
+                       torch.zeros(3, 32, 32, dtype=torch.uint8))
+    Image.fromarray(before + 200).save(image, compress_level=0)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the old mtime put back
+    assert image.stat().st_size == stat.st_size and image.stat().st_mtime_ns == stat.st_mtime_ns
+    assert (D.load_cifar10(str(tmp_path), download=False).train_x[0] == 200).all()

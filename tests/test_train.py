@@ -7,6 +7,7 @@ import torch
 from hydra.utils import instantiate
 
 from ablate.folder import FolderRefused, accept
+from ablate.loop import Diverged, check_divergence
 from ablate.record import RunRecord
 from ablate.train import run
 from conftest import TINY, compose_cfg
@@ -71,6 +72,25 @@ def test_exploding_loss_is_recorded_as_diverged(tmp_path):
     assert RunRecord.load(run_dir).status == "diverged"
 
 
+@pytest.mark.parametrize("lr,words", [("1e308", "overflowed"), ("1", "exploded")])
+def test_overflowing_step_or_finite_explosion_is_diverged_not_failed(tmp_path, lr, words):
+    # lr=1e308 cannot even be cast to float32 in SGD's update; lr=1 without clipping keeps the
+    # loss finite but an order of magnitude above where it started
+    record, run_dir = train(tmp_path, "div", "optim=sgd", f"optim.lr={lr}", "grad_clip=null",
+                            "epochs=1")
+    assert record.status == "diverged" and words in record.error
+    assert RunRecord.load(run_dir).status == "diverged"
+
+
+def test_non_finite_weights_are_divergence_even_with_a_finite_loss():
+    model = torch.nn.Linear(2, 2)
+    check_divergence(model, epoch_loss=1.0, start_loss=2.3, epoch=1)  # healthy: no complaint
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    with pytest.raises(Diverged, match="weights became non-finite in epoch 3"):
+        check_divergence(model, epoch_loss=1.0, start_loss=2.3, epoch=3)
+
+
 def test_completed_run_is_skipped_when_run_again(tmp_path):
     record, run_dir = train(tmp_path, "skip")
     mtime = (run_dir / "metrics.csv").stat().st_mtime_ns
@@ -84,3 +104,17 @@ def test_a_folder_accepts_its_own_config_and_refuses_another(tmp_path):
     accept(run_dir, compose_cfg([*TINY, "threads=1", "device=cpu"]))  # operational keys: same run
     with pytest.raises(FolderRefused, match=r"checkpoint.pt was made by config \w+"):
         accept(run_dir, compose_cfg([*TINY, "optim.lr=0.5"]))  # no .hydra/ here to say which key
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.num_classes=5", "model: gives 5 outputs per image"),       # found by the dry run
+    ("data.train_size=10000000000000", "data: 10,000,000,000,200 synthetic images need"),
+    ("sched.T_max=0", r"sched\.T_max=0 must be an integer >= 1"),      # found by validate
+])
+def test_values_that_cannot_work_stop_the_run_before_any_training(tmp_path, override, message):
+    from ablate.validation import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        train(tmp_path, "bad", override)
+    assert not {"metrics.csv", "checkpoint.pt", "best_model.pth"} & {
+        p.name for p in (tmp_path / "bad").iterdir()}
