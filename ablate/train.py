@@ -222,6 +222,10 @@ def main(cfg: DictConfig) -> JobOutcome:
             log.error("refused: %s", err)
             return JobOutcome("refused", str(err))
         sys.exit(f"error: {err}")
+    except Interrupted as err:  # before the job itself started, e.g. while .hydra/ was written
+        log.error("interrupted by %s before the job in %s started; run the same command again",
+                  err, run_dir)
+        sys.exit(130 if str(err) == "SIGINT" else 143)
     except WriteError as err:  # .hydra/ could not be written: the disk is full or read-only
         if in_sweep:
             log.error("%s", err)
