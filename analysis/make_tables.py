@@ -1,6 +1,6 @@
 """Markdown accuracy tables and training-curve plots from every run under the given roots.
 
-    python analysis/make_tables.py [--root DIR ...] [--out DIR]
+    python analysis/make_tables.py [--root DIR ...] [--out DIR] [--tune KEY ...]
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from analysis.reproduction import hydra_composer, load_seed_results, reproductio
 from analysis.reproduction import to_markdown as reproduction_markdown
 from analysis.runs import collect
 from analysis.tables import sweep_reports
+from analysis.tuning import TuningError, budget_curves, tuned_markdown, tuned_table
 
 MANIFEST = ".written"  # what the last call wrote into its output folder, to clear it next time
 
@@ -48,12 +49,32 @@ def prepare_out(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def tuned_reports(runs, reports: list[dict], tune: list[str]) -> dict:
+    """sweep -> (tuned table, budget curves) for every sweep that swept all of `tune`."""
+    if not tune:
+        return {}
+    out = {}
+    for report in reports:
+        if all(k in report["keys"] for k in tune):
+            group = runs[runs["sweep"] == report["sweep"]]
+            report["arms"] = [k for k in report["keys"] if k not in tune]
+            out[report["sweep"]] = (tuned_table(group, report["keys"], tune),
+                                    budget_curves(group, report["keys"], tune))
+    if not out:
+        swept = sorted({k for r in reports for k in r["keys"]})
+        raise TuningError(f"no sweep swept {', '.join(tune)} (swept keys: {', '.join(swept) or 'none'})")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", action="append", type=Path,
                         help="folder to search for runs (repeatable; default: outputs and multirun)")
     parser.add_argument("--out", type=Path, help="where tables.md and the PNG plots go "
                         "(default: <root>/tables for one root, else outputs/tables)")
+    parser.add_argument("--tune", action="append", default=[], metavar="KEY",
+                        help="a swept key to tune per arm on validation accuracy (repeatable), "
+                             "e.g. optim.lr; adds a tuned table and a budget plot per sweep")
     args = parser.parse_args(argv)
     roots = args.root or [Path("outputs"), Path("multirun")]
     missing = [str(r) for r in roots if not r.is_dir()]
@@ -66,11 +87,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     from analysis.plots import curves_figure  # matplotlib is slow to import; only when needed
+    from analysis.tuning import budget_figure
 
+    reports = sweep_reports(runs)
+    try:  # before anything is written: a sweep that cannot be tuned fairly stops the call
+        tuned = tuned_reports(runs, reports, args.tune)
+    except TuningError as err:
+        raise SystemExit(f"error: {err}") from None
     out = args.out or default_out(roots)
     prepare_out(out)
     written, sections, curves = [], [], frames["metrics"]
-    for report in sweep_reports(runs):
+    for report in reports:
         md = report["markdown"]
         sweep_runs = runs[runs["sweep"] == report["sweep"]]
         sweep_curves = curves[curves["run_dir"].isin(sweep_runs["run_dir"])]
@@ -79,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
             curves_figure(sweep_runs, sweep_curves, report["keys"], report["title"]).savefig(out / name, dpi=110)
             written.append(name)
             md += f"\n![{report['title']}]({name})\n"
+        if report["sweep"] in tuned:
+            table, budget = tuned[report["sweep"]]
+            name = unique(f"{slug(Path(report['sweep']).name)}_budget.png", written)
+            budget_figure(budget, report["arms"], args.tune, report["title"]).savefig(out / name, dpi=110)
+            written.append(name)
+            md += "\n" + tuned_markdown(table, report["arms"], args.tune, report["title"])
+            md += f"\n![expected best validation accuracy vs configurations tried]({name})\n"
         sections.append(md)
     repro = reproduction_table(runs, load_seed_results(), hydra_composer())
     if (repro["n"] > 0).any():  # only when some run reproduces a row of the seed report

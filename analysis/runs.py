@@ -20,7 +20,7 @@ NUMBERS = ("seed", "epochs", "epochs_run", "final_test_acc", "best_test_acc", "b
            "test_acc_at_best_val", "train_images", "val_images", "test_images", "scale")
 MAPPINGS = ("choices", "extra")
 COLUMNS = ("run_dir", "sweep", "status", "error", "choices", "overrides", "config", "identity",
-           "seed", "acc", "metric", "epochs_run", "final_test_acc", "best_test_acc", "train_images", "val_images",
+           "seed", "acc", "metric", "epochs_run", "final_test_acc", "best_test_acc", "best_val_acc", "train_images", "val_images",
            "data_source", "extra", "duplicate_of")
 
 
@@ -171,7 +171,7 @@ def load_run(run_dir: Path, root: Path, csvs: tuple[str, ...] = ("metrics",)) ->
     if record is None:
         row["error"] = "no result.json (never started, still starting, or killed)"
         return row, frames
-    row.update({k: record.get(k) for k in ("status", "error", "epochs_run", "final_test_acc", "best_test_acc",
+    row.update({k: record.get(k) for k in ("status", "error", "epochs_run", "final_test_acc", "best_test_acc", "best_val_acc",
                                            "train_images", "val_images", "data_source", "extra")})
     row["acc"], row["metric"] = usable_accuracy(record)
     if row["status"] == "completed" and math.isnan(row["acc"]):

@@ -107,31 +107,83 @@ def summarize(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
                     "best_epoch_mean": float(best.mean()) if len(best) else math.nan,
                     "epochs": _epochs_text(group[group["status"].isin(DONE)]),
                     "status": _status_text(group["status"]),
-                    "seeds": dict(zip(usable["seed"], acc))})
+                    "seeds": dict(zip(usable["seed"], acc)),
+                    "pairing": common_pairing(group)})
     return compare_with_best(pd.DataFrame(out))
 
 
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (nan stays nan, out of the family)."""
+    order = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
+    adjusted, running = [math.nan] * len(pvalues), 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p))  # adjusted p never decreases
+        adjusted[i] = running
+    return adjusted
+
+
+def pairing_key(config: dict) -> tuple:
+    """What must match for one seed to mean the same initialisation and data order in two runs:
+    the architecture (model settings but activation and dropout, which draw no weights), the data
+    and the batch size."""
+    return tuple(sorted((k, str(v)) for k, v in config.items()
+                        if (k.startswith(("model.", "data.")) or k == "batch_size")
+                        and not k.startswith(("model.activation", "model.dropout"))
+                        and k not in PLUMBING))
+
+
+def test_against(a: dict, b: dict, paired: bool) -> tuple[float, str]:
+    """p-value and test name for per-seed accuracies a vs b: paired on shared seeds, else Welch."""
+    common = sorted(set(a) & set(b))
+    if paired and len(common) >= 2:
+        x, y, name = np.array([a[s] for s in common]), np.array([b[s] for s in common]), "paired"
+        if np.all(x - y == (x - y)[0]):  # constant differences: a t-test has no spread to use
+            return math.nan, "paired"
+        return float(stats.ttest_rel(x, y).pvalue), name
+    x, y = np.array(list(a.values())), np.array(list(b.values()))
+    if len(x) < 2 or len(y) < 2 or (np.std(x) == 0 and np.std(y) == 0):
+        return math.nan, "Welch"
+    return float(stats.ttest_ind(x, y, equal_var=False).pvalue), "Welch"
+
+
+def common_pairing(runs: pd.DataFrame):
+    """The rows' shared pairing key, or None when its runs disagree (then no pairing)."""
+    keys = {pairing_key(c) for c in runs["config"] if c}
+    return keys.pop() if len(keys) == 1 else None
+
+
 def compare_with_best(table: pd.DataFrame) -> pd.DataFrame:
-    """Welch's t-test of every row against the row with the highest mean."""
+    """Every row against the row with the highest mean: paired t-test when they share seeds and
+    architecture, else Welch; p-values Holm-adjusted over the table; 'worse' only after that."""
     table = table.copy()
-    table["p_vs_best"], table["verdict"] = math.nan, ""
+    table["p_vs_best"], table["p_holm"], table["test"], table["verdict"] = math.nan, math.nan, "", ""
     if table.empty or table["mean"].notna().sum() == 0:
         return table
     best = table["mean"].idxmax()
     table.loc[best, "verdict"] = "best"
-    b = np.array(list(table.at[best, "seeds"].values()))
     for i in table.index.drop(best):
-        a = np.array(list(table.at[i, "seeds"].values()))
-        if len(a) < 2 or len(b) < 2:
-            table.at[i, "verdict"] = "untested (n < 2)" if len(a) else "no usable runs"
-            continue
-        if np.std(a) == 0 and np.std(b) == 0:  # no spread: a t-test has nothing to go on
-            table.at[i, "verdict"] = "untested (no spread)"
-            continue
-        p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
-        table.at[i, "p_vs_best"] = p
-        table.at[i, "verdict"] = f"no evidence of a difference" if p >= ALPHA else "worse"
+        paired = table.at[i, "pairing"] is not None and table.at[i, "pairing"] == table.at[best, "pairing"]
+        table.at[i, "p_vs_best"], table.at[i, "test"] = test_against(
+            table.at[i, "seeds"], table.at[best, "seeds"], paired)
+    table["p_holm"] = holm(table["p_vs_best"].tolist())
+    for i in table.index.drop(best):
+        p = table.at[i, "p_holm"]
+        table.at[i, "verdict"] = ("no usable runs" if table.at[i, "n"] == 0 else "untested (too few seeds or no spread)"
+                                  if math.isnan(p) else "worse" if p < ALPHA else "no evidence of a difference")
     return table
+
+
+def verdict_text(row: pd.Series) -> str:
+    if math.isnan(row["p_vs_best"]):
+        return row["verdict"]
+    return f"{row['verdict']} ({row['test']} p={row['p_vs_best']:.3f}, Holm p={row['p_holm']:.3f})"
+
+
+TESTS_NOTE = (f"a paired t-test on the per-seed differences when the row shares seeds and "
+              f"architecture with the best row (one seed then fixes initialisation and data order), "
+              f"else Welch's t-test; raw p and Holm-adjusted p over the table's comparisons; "
+              f"'worse' only when the adjusted p < {ALPHA}, otherwise 'no evidence of a difference' "
+              f"(not evidence of equality; the best row was itself picked by its mean).")
 
 
 def _fmt(x: float, digits: int = 2) -> str:
@@ -163,16 +215,14 @@ def to_markdown(table: pd.DataFrame, keys: list[str], metric: str, title: str) -
     shown["95% bootstrap interval"] = [f"[{_fmt(lo)}, {_fmt(hi)}]" if not math.isnan(lo) else "-"
                                        for lo, hi in zip(table["ci_low"], table["ci_high"])]
     shown["n"] = table["n"]
-    shown["vs best (Welch p)"] = [
-        v if math.isnan(p) else f"{v} (p={p:.3f})" for v, p in zip(table["verdict"], table["p_vs_best"])]
+    shown["vs best"] = [verdict_text(row) for _, row in table.iterrows()]
     shown["Best-epoch test (%)"] = [_fmt(x) for x in table["best_epoch_mean"]]
     shown["Epochs run"] = table["epochs"]
     shown["Runs"] = table["status"]
     note = (f"Test Accuracy = {metric}, mean ± sample sd over seeds (n = completed runs with a "
             f"usable accuracy; copies of one run count once). Interval: 95% percentile bootstrap "
             f"of the mean ({RESAMPLES:,} resamples), always inside the observed range, so within "
-            f"[0, 100]; with few seeds it is narrower than it should be. 'no evidence of a "
-            f"difference': Welch's t-test against the best row gives p >= {ALPHA}. Best-epoch test "
+            f"[0, 100]; with few seeds it is narrower than it should be. vs best: {TESTS_NOTE} Best-epoch test "
             f"accuracy picks the epoch on the test set itself, so it is optimistic.")
     return f"### {title}\n\n{shown.to_markdown(index=False)}\n\n{note}\n"
 

@@ -72,7 +72,7 @@ def test_collect_reads_every_run_including_broken_ones(sweep):
     assert set(frames["metrics"]["run_dir"]) <= set(runs["run_dir"])
 
 
-def test_table_has_one_row_per_variant_with_mean_sd_interval_and_welch(sweep):
+def test_table_has_one_row_per_variant_with_mean_sd_interval_and_test(sweep):
     root, accs = sweep
     (report,) = sweep_reports(collect([root.parent])[0])
     assert report["keys"] == ["model/activation"] and report["title"] == "model/activation: 3 variants x 3 seeds"
@@ -85,8 +85,11 @@ def test_table_has_one_row_per_variant_with_mean_sd_interval_and_welch(sweep):
     assert relu.min() <= table.at["relu", "ci_low"] < relu.mean() < table.at["relu", "ci_high"] <= relu.max()
     assert table.at["leaky_relu", "verdict"] == "best"
     assert table.at["elu", "verdict"] == "worse"
-    p = stats.ttest_ind(relu, np.array(accs["leaky_relu"]) * 100, equal_var=False).pvalue
-    assert table.at["relu", "p_vs_best"] == pytest.approx(p)
+    # the same seeds of one architecture: paired on per-seed differences, then Holm over 2 rows
+    p = stats.ttest_rel(relu, np.array(accs["leaky_relu"]) * 100).pvalue
+    assert table.at["relu", "test"] == "paired" and table.at["relu", "p_vs_best"] == pytest.approx(p)
+    q = table.at["elu", "p_vs_best"]
+    assert table.at["relu", "p_holm"] == pytest.approx(max(p, 2 * q) if p > q else 2 * p)
     assert "1 diverged" in table.at["relu", "status"] and "1 unreadable" in table.at["elu", "status"]
 
 
@@ -94,7 +97,7 @@ def test_markdown_names_the_axis_and_lists_runs_without_a_number(sweep):
     root, _ = sweep
     md = sweep_reports(collect([root.parent])[0])[0]["markdown"]
     assert md.splitlines()[2].startswith("| Activation ")
-    assert "| leaky_relu " in md and "Welch" in md and "bootstrap" in md
+    assert "| leaky_relu " in md and "paired p=" in md and "Holm p=" in md and "bootstrap" in md
     assert "Runs without a number" in md and "diverged" in md and "unreadable" in md and "no result.json" in md
 
 
