@@ -19,9 +19,11 @@ STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
 NUMBERS = ("seed", "epochs", "epochs_run", "final_test_acc", "best_test_acc", "best_val_acc",
            "test_acc_at_best_val", "train_images", "val_images", "test_images", "scale")
 MAPPINGS = ("choices", "extra")
+# what a run's row always has, from its folder; then what it takes from result.json as it is
 COLUMNS = ("run_dir", "sweep", "status", "error", "choices", "overrides", "config", "identity",
-           "seed", "acc", "metric", "epochs_run", "final_test_acc", "best_test_acc", "best_val_acc", "train_images", "val_images",
-           "data_source", "extra", "duplicate_of")
+           "seed", "acc", "metric", "duplicate_of")
+FROM_RECORD = ("epochs_run", "final_test_acc", "best_test_acc", "best_val_acc", "train_images",
+               "val_images", "data_source", "extra")
 
 
 class Unreadable(Exception):
@@ -171,8 +173,7 @@ def load_run(run_dir: Path, root: Path, csvs: tuple[str, ...] = ("metrics",)) ->
     if record is None:
         row["error"] = "no result.json (never started, still starting, or killed)"
         return row, frames
-    row.update({k: record.get(k) for k in ("status", "error", "epochs_run", "final_test_acc", "best_test_acc", "best_val_acc",
-                                           "train_images", "val_images", "data_source", "extra")})
+    row.update({k: record.get(k) for k in ("status", "error", *FROM_RECORD)})
     row["acc"], row["metric"] = usable_accuracy(record)
     if row["status"] == "completed" and math.isnan(row["acc"]):
         row.update(status="completed without accuracy",
@@ -188,7 +189,8 @@ def mark_duplicates(runs: pd.DataFrame) -> pd.DataFrame:
     for _, group in runs[runs["identity"].notna()].groupby("identity", sort=False):
         if len(group) < 2:
             continue
-        order = sorted(group.index, key=lambda i: (rank.get(runs.at[i, "status"], 2), natural(runs.at[i, "run_dir"])))
+        order = sorted(group.index, key=lambda i: (rank.get(runs.at[i, "status"], 2),
+                                                   natural(runs.at[i, "run_dir"])))
         kept = runs.at[order[0], "run_dir"]
         for i in order[1:]:
             runs.at[i, "duplicate_of"] = kept
@@ -208,7 +210,7 @@ def collect(roots: list[Path], csvs: tuple[str, ...] = ("metrics",)) -> tuple[pd
             for name, frame in frames.items():
                 if frame is not None:
                     stacked[name].append(frame.assign(run_dir=str(run_dir)))
-    runs = pd.DataFrame(rows, columns=list(COLUMNS))
+    runs = pd.DataFrame(rows, columns=[*COLUMNS, *FROM_RECORD])
     runs["acc"] = runs["acc"].astype(float)
     runs = mark_duplicates(runs)
     kept = set(runs.loc[runs["status"] != "duplicate", "run_dir"])

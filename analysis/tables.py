@@ -102,8 +102,8 @@ def summarize(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
         mean, sd = mean_sd(acc)
         lo, hi = bootstrap_interval(acc)
         best = group.loc[group["status"] == "completed", "best_test_acc"].dropna().astype(float) * 100
-        out.append({**{k: group[k].iloc[0] for k in keys}, "row": group["row"].iloc[0], "n": len(acc), "mean": mean, "std": sd,
-                    "ci_low": lo, "ci_high": hi,
+        out.append({**{k: group[k].iloc[0] for k in keys}, "row": group["row"].iloc[0],
+                    "n": len(acc), "mean": mean, "std": sd, "ci_low": lo, "ci_high": hi,
                     "best_epoch_mean": float(best.mean()) if len(best) else math.nan,
                     "epochs": _epochs_text(group[group["status"].isin(DONE)]),
                     "status": _status_text(group["status"]),
@@ -132,7 +132,7 @@ def pairing_key(config: dict) -> tuple:
                         and k not in PLUMBING))
 
 
-def test_against(a: dict, b: dict, paired: bool) -> tuple[float, str]:
+def p_value(a: dict, b: dict, paired: bool) -> tuple[float, str]:
     """p-value and test name for per-seed accuracies a vs b: paired on shared seeds, else Welch."""
     common = sorted(set(a) & set(b))
     if paired and len(common) >= 2:
@@ -163,17 +163,19 @@ def compare_with_best(table: pd.DataFrame) -> pd.DataFrame:
     table.loc[best, "verdict"] = "best"
     for i in table.index.drop(best):
         paired = table.at[i, "pairing"] is not None and table.at[i, "pairing"] == table.at[best, "pairing"]
-        table.at[i, "p_vs_best"], table.at[i, "test"] = test_against(
+        table.at[i, "p_vs_best"], table.at[i, "test"] = p_value(
             table.at[i, "seeds"], table.at[best, "seeds"], paired)
     table["p_holm"] = holm(table["p_vs_best"].tolist())
     for i in table.index.drop(best):
         p = table.at[i, "p_holm"]
-        table.at[i, "verdict"] = ("no usable runs" if table.at[i, "n"] == 0 else "untested (too few seeds or no spread)"
-                                  if math.isnan(p) else "worse" if p < ALPHA else "no evidence of a difference")
+        table.at[i, "verdict"] = (
+            "no usable runs" if table.at[i, "n"] == 0 else "untested (too few seeds or no spread)"
+            if math.isnan(p) else "worse" if p < ALPHA else "no evidence of a difference")
     return table
 
 
 def verdict_text(row: pd.Series) -> str:
+    """'worse (paired p=0.004, Holm p=0.008)', or the verdict alone when untested."""
     if math.isnan(row["p_vs_best"]):
         return row["verdict"]
     return f"{row['verdict']} ({row['test']} p={row['p_vs_best']:.3f}, Holm p={row['p_holm']:.3f})"
@@ -186,7 +188,8 @@ TESTS_NOTE = (f"a paired t-test on the per-seed differences when the row shares 
               f"(not evidence of equality; the best row was itself picked by its mean).")
 
 
-def _fmt(x: float, digits: int = 2) -> str:
+def fmt(x: float, digits: int = 2) -> str:
+    """A number with `digits` decimals, '-' for a missing one."""
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
@@ -210,20 +213,20 @@ def to_markdown(table: pd.DataFrame, keys: list[str], metric: str, title: str) -
                          {"Settings": [", ".join(f"{k}={v}" for k, v in row) or "defaults"
                                        for row in table["row"]]})
     shown["Test Accuracy (%)"] = [
-        "no usable runs" if n == 0 else f"{_fmt(m)} ± {_fmt(s)}" if n > 1 else _fmt(m)
+        "no usable runs" if n == 0 else f"{fmt(m)} ± {fmt(s)}" if n > 1 else fmt(m)
         for m, s, n in zip(table["mean"], table["std"], table["n"])]
-    shown["95% bootstrap interval"] = [f"[{_fmt(lo)}, {_fmt(hi)}]" if not math.isnan(lo) else "-"
+    shown["95% bootstrap interval"] = [f"[{fmt(lo)}, {fmt(hi)}]" if not math.isnan(lo) else "-"
                                        for lo, hi in zip(table["ci_low"], table["ci_high"])]
     shown["n"] = table["n"]
     shown["vs best"] = [verdict_text(row) for _, row in table.iterrows()]
-    shown["Best-epoch test (%)"] = [_fmt(x) for x in table["best_epoch_mean"]]
+    shown["Best-epoch test (%)"] = [fmt(x) for x in table["best_epoch_mean"]]
     shown["Epochs run"] = table["epochs"]
     shown["Runs"] = table["status"]
     note = (f"Test Accuracy = {metric}, mean ± sample sd over seeds (n = completed runs with a "
             f"usable accuracy; copies of one run count once). Interval: 95% percentile bootstrap "
             f"of the mean ({RESAMPLES:,} resamples), always inside the observed range, so within "
-            f"[0, 100]; with few seeds it is narrower than it should be. vs best: {TESTS_NOTE} Best-epoch test "
-            f"accuracy picks the epoch on the test set itself, so it is optimistic.")
+            f"[0, 100]; with few seeds it is narrower than it should be. vs best: {TESTS_NOTE} "
+            f"Best-epoch test accuracy picks the epoch on the test set itself, so it is optimistic.")
     return f"### {title}\n\n{shown.to_markdown(index=False)}\n\n{note}\n"
 
 

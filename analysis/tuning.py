@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pandas as pd
 
-from analysis.tables import (HEADERS, PLUMBING, bootstrap_interval, common_pairing, compare_with_best,
-                             label, mean_sd)
+from analysis.tables import (HEADERS, PLUMBING, TESTS_NOTE, bootstrap_interval, common_pairing,
+                             compare_with_best, fmt, label, mean_sd, verdict_text)
 
 
 class TuningError(ValueError):
@@ -20,7 +20,8 @@ def check_tunable(runs: pd.DataFrame, keys: list[str], tune: list[str]) -> None:
     the best of several test scores, which overstates every arm."""
     missing = [k for k in tune if k not in keys]
     if missing:
-        raise TuningError(f"--tune {', '.join(missing)}: not a swept key here (swept: {', '.join(keys) or 'none'})")
+        raise TuningError(f"--tune {', '.join(missing)}: not a swept key here "
+                          f"(swept: {', '.join(keys) or 'none'})")
     done = runs[runs["status"] == "completed"]
     no_val = done[done["best_val_acc"].isna() | ~(done["val_images"].fillna(0) > 0)]
     if len(no_val):
@@ -65,16 +66,14 @@ def tuned_table(runs: pd.DataFrame, keys: list[str], tune: list[str]) -> pd.Data
 
 
 def tuned_markdown(table: pd.DataFrame, arms: list[str], tune: list[str], title: str) -> str:
-    from analysis.tables import TESTS_NOTE, _fmt, verdict_text
-
     shown = pd.DataFrame({HEADERS.get(k, k): table[k] for k in arms} if arms else
                          {"Arm": ["(all runs)"] * len(table)})
     shown["Chosen on validation"] = [
         ", ".join(f"{k}={v}" for k, v in {**c, **u}.items()) for c, u in zip(table["chosen"], table["units"])]
-    shown["Val acc (%)"] = [_fmt(v) for v in table["val_mean"]]
-    shown["Test Accuracy (%)"] = [f"{_fmt(m)} ± {_fmt(s)}" if n > 1 else _fmt(m)
+    shown["Val acc (%)"] = [fmt(v) for v in table["val_mean"]]
+    shown["Test Accuracy (%)"] = [f"{fmt(m)} ± {fmt(s)}" if n > 1 else fmt(m)
                                   for m, s, n in zip(table["mean"], table["std"], table["n"])]
-    shown["95% bootstrap interval"] = [f"[{_fmt(lo)}, {_fmt(hi)}]" if not math.isnan(lo) else "-"
+    shown["95% bootstrap interval"] = [f"[{fmt(lo)}, {fmt(hi)}]" if not math.isnan(lo) else "-"
                                        for lo, hi in zip(table["ci_low"], table["ci_high"])]
     shown["n"] = table["n"]
     shown["Grid"] = table["grid"]
