@@ -38,6 +38,8 @@ def curves_figure(runs: pd.DataFrame, curves: pd.DataFrame, keys: list[str], tit
         sns.lineplot(data=data, x="epoch", y=column, hue="variant", hue_order=order,
                      errorbar="sd", marker="o", ax=ax, legend=ax is axes[0])
         ax.set(xlabel="epoch", ylabel=name)
+        if name.endswith("(%)"):  # a band of mean ± sd may pass 100; accuracy cannot
+            ax.set_ylim(top=min(ax.get_ylim()[1], 100))
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     handles, names = axes[0].get_legend_handles_labels()
