@@ -92,7 +92,10 @@ def read_hydra(run_dir: Path) -> dict:
 def read_config(run_dir: Path) -> dict:
     """The run's resolved config, flattened, and its identity (what makes two runs copies)."""
     _yaml(run_dir / ".hydra" / "config.yaml")  # a readable mapping, or Unreadable
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    try:  # OmegaConf raises many error types on what plain YAML accepts
+        cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    except Exception as err:
+        raise Unreadable(f".hydra/config.yaml: {type(err).__name__}: {str(err).splitlines()[0]}") from None
     try:
         tree = OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # an interpolation only Hydra could resolve: compare as written

@@ -116,12 +116,15 @@ def damage(run_dir, how):
         metrics.write_text("epoch,train_loss,test_acc\n1,abc,0.5\n")
     elif how == "bad hydra":
         (run_dir / ".hydra" / "hydra.yaml").write_text("hydra: [unclosed\n")
+    elif how == "bad config":
+        (run_dir / ".hydra" / "config.yaml").write_text("seed: 0\n  oops: [\n")
     elif how == "truncated":
         result.write_text(result.read_text()[:20])
 
 
 WHERE = {"list": "result.json", "string number": "final_test_acc", "string choices": "choices",
-         "bad metrics": "metrics.csv", "bad hydra": "hydra.yaml", "truncated": "result.json"}
+         "bad metrics": "metrics.csv", "bad hydra": "hydra.yaml", "bad config": "config.yaml",
+         "truncated": "result.json"}
 
 
 @pytest.mark.parametrize("how", list(WHERE))
