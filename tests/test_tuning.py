@@ -133,3 +133,19 @@ def test_make_tables_tune_writes_tuned_table_and_budget_plot(tmp_path):
     assert "### Tuned: " in proc.stdout and "| optim.lr=0.001 " in proc.stdout
     assert sorted(p.name for p in (root / "tables").glob("*.png")) == ["s.png", "s_budget.png"]
     assert "2 plots" in proc.stderr
+
+
+def test_two_tuned_keys_pick_the_best_pair_on_validation(tmp_path):
+    root = tmp_path / "s"
+    root.mkdir()
+    (root / "multirun.yaml").write_text("hydra: {}\n")
+    val = {("1e-3", "0"): 0.6, ("1e-3", "1e-4"): 0.9, ("1e-2", "0"): 0.7, ("1e-2", "1e-4"): 0.5}
+    for (lr, wd), v in val.items():
+        for seed in range(2):
+            make_run(root / f"{lr}_{wd}_{seed}", [f"optim.lr={lr}", f"optim.weight_decay={wd}", f"seed={seed}"],
+                     acc=1 - v, config={"seed": seed, "optim": {"lr": lr, "weight_decay": wd}},
+                     record={"best_val_acc": v, "test_acc_at_best_val": 1 - v, "val_images": 10})
+    runs, _ = collect([root])
+    (row,) = tuned_table(runs, ["optim.lr", "optim.weight_decay"], ["optim.lr", "optim.weight_decay"]).to_dict("records")
+    assert row["chosen"] == {"optim.lr": "1e-3", "optim.weight_decay": "1e-4"} and row["grid"] == 4
+    assert row["mean"] == pytest.approx(10.0)
