@@ -39,7 +39,11 @@ def prepare_out(out: Path) -> None:
     """An output folder that will hold exactly what this call writes: the files of the previous
     call (listed in its manifest) go; a folder holding anything else is refused, not emptied."""
     if out.is_dir():
-        listed = set((out / MANIFEST).read_text().split("\n")) if (out / MANIFEST).exists() else set()
+        if (out / MANIFEST).exists():
+            listed = set((out / MANIFEST).read_text().split("\n"))
+        else:  # a folder from before manifests: tables.md beside its reproduction.md and plots
+            listed = {p.name for p in out.glob("*.png")} | {"tables.md", "reproduction.md"} \
+                if (out / "tables.md").exists() else set()
         foreign = [p.name for p in out.iterdir() if p.name not in listed | {MANIFEST}]
         if foreign:
             raise SystemExit(f"error: {out} holds files this tool did not write ({', '.join(foreign[:3])}); "

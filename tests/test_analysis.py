@@ -213,6 +213,12 @@ def test_each_call_writes_one_self_contained_folder_and_counts_right(tmp_path, c
     make_tables.main(["--root", str(b), "--out", str(shared)])  # the previous call's files go
     assert sorted(p.name for p in shared.iterdir()) == [".written", "b.png", "tables.md"]
     assert "| model/activation=relu " in (shared / "tables.md").read_text()
+    old = tmp_path / "old"  # written before manifests: its tables.md and plots are ours to replace
+    old.mkdir()
+    for name in ("tables.md", "reproduction.md", "stale.png"):
+        (old / name).write_text("old")
+    make_tables.main(["--root", str(b), "--out", str(old)])
+    assert sorted(p.name for p in old.iterdir()) == [".written", "b.png", "tables.md"]
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(SystemExit, match="did not write"):
