@@ -13,7 +13,7 @@ from analysis.reproduction import hydra_composer, load_seed_results, reproductio
 from analysis.reproduction import to_markdown as reproduction_markdown
 from analysis.runs import collect
 from analysis.tables import sweep_reports
-from analysis.tuning import TuningError, budget_curves, tuned_markdown, tuned_table
+from analysis.tuning import TuningError, budget_curves, tuned_markdown, tuned_table, tuned_title
 
 MANIFEST = ".written"  # what the last call wrote into its output folder, to clear it next time
 
@@ -112,10 +112,11 @@ def main(argv: list[str] | None = None) -> int:
             md += f"\n![{report['title']}]({name})\n"
         if report["sweep"] in tuned:
             table, budget = tuned[report["sweep"]]
+            title = tuned_title(table, report["arms"], args.tune)
             name = unique(f"{slug(Path(report['sweep']).name)}_budget.png", written)
-            budget_figure(budget, report["arms"], args.tune, report["title"]).savefig(out / name, dpi=110)
+            budget_figure(budget, report["arms"], args.tune, title).savefig(out / name, dpi=110)
             written.append(name)
-            md += "\n" + tuned_markdown(table, report["arms"], args.tune, report["title"])
+            md += "\n" + tuned_markdown(table, report["arms"], args.tune, title)
             md += f"\n![expected best validation accuracy vs configurations tried]({name})\n"
         sections.append(md)
     repro = reproduction_table(runs, load_seed_results(), hydra_composer())

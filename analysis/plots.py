@@ -22,21 +22,28 @@ def training_panel(runs: pd.DataFrame, curves: pd.DataFrame) -> tuple[str, str]:
 
 
 def curves_figure(runs: pd.DataFrame, curves: pd.DataFrame, keys: list[str], title: str):
-    """Two panels sharing one legend outside the axes; each variant's seeds drawn as mean ± sd."""
+    """Two panels sharing one legend outside the axes; each variant's seeds drawn as mean ± sd.
+    With two swept keys the first picks the colour and the second the dashes, so 15 variants
+    read as 3 colours x 5 line styles rather than 15 colours."""
     runs = runs[(runs["status"] == "completed") & runs["acc"].notna()]
     labelled = label(runs, keys)
     labelled["variant"] = labelled[keys].astype(str).agg(", ".join, axis=1) if keys else "all runs"
     n = labelled.groupby("variant")["run_dir"].count()
-    labelled["variant"] = [f"{v} (n={n[v]})" for v in labelled["variant"]]
-    data = curves.merge(labelled[["run_dir", "variant"]], on="run_dir")
+    if len(keys) == 2:
+        hue, style = keys
+        ns = sorted(set(n))
+        n_text = f"n = {ns[0]}" if len(ns) == 1 else f"n = {ns[0]}-{ns[-1]}"
+    else:
+        labelled["variant"] = [f"{v} (n={n[v]})" for v in labelled["variant"]]
+        hue, style, n_text = "variant", None, "n in the legend"
+    data = curves.merge(labelled[["run_dir", "variant", *keys]], on="run_dir")
     data = data.assign(test_acc_pct=data["test_acc"] * 100,
                        train_acc_pct=data["train_acc"] * 100 if "train_acc" in data else None)
-    order = list(dict.fromkeys(labelled["variant"]))
     right = training_panel(runs, curves)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), layout="constrained")
     for ax, (column, name) in zip(axes, [("test_acc_pct", "test accuracy (%)"), right]):
-        sns.lineplot(data=data, x="epoch", y=column, hue="variant", hue_order=order,
-                     errorbar="sd", marker="o", ax=ax, legend=ax is axes[0])
+        sns.lineplot(data=data, x="epoch", y=column, hue=hue, hue_order=list(dict.fromkeys(labelled[hue])),
+                     style=style, errorbar="sd", marker="o", ax=ax, legend=ax is axes[0])
         ax.set(xlabel="epoch", ylabel=name)
         if name.endswith("(%)"):  # a band of mean ± sd may pass 100; accuracy cannot
             ax.set_ylim(top=min(ax.get_ylim()[1], 100))
@@ -44,11 +51,12 @@ def curves_figure(runs: pd.DataFrame, curves: pd.DataFrame, keys: list[str], tit
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     handles, names = axes[0].get_legend_handles_labels()
     axes[0].get_legend().remove()
+    names = [HEADERS.get(x, x) for x in names]  # section titles of a two-key legend
     fig.legend(handles, names, loc="outside right upper", fontsize=8,
-               title=" / ".join(HEADERS.get(k, k) for k in keys) or None)
+               title=None if style else " / ".join(HEADERS.get(k, k) for k in keys) or None)
     fig.suptitle(title)
-    fig.supxlabel("line: mean over seeds; band: ± 1 sd over the n seeds of each "
-             "variant (n in the legend)" + ("; right: train accuracy, as the variants' losses "
-             "are on different scales" if right[0] == "train_acc_pct" else ""),
-             fontsize=8, color="0.3")  # a caption: constrained layout keeps it off the axes
+    fig.supxlabel(f"line: mean over seeds; band: ± 1 sd over the n seeds of each variant ({n_text})"
+                  + ("; right: train accuracy, as the variants' losses are on different scales"
+                     if right[0] == "train_acc_pct" else ""),
+                  fontsize=8, color="0.3")  # a caption: constrained layout keeps it off the axes
     return fig

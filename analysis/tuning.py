@@ -65,6 +65,14 @@ def tuned_table(runs: pd.DataFrame, keys: list[str], tune: list[str]) -> pd.Data
     return compare_with_best(pd.DataFrame(out))
 
 
+def tuned_title(table: pd.DataFrame, arms: list[str], tune: list[str]) -> str:
+    """'optim: 3 arms, each tuned over 5 values of lr_step x 3 seeds'."""
+    grids, seeds = sorted(set(table["grid"])), sorted(set(table["n"]))
+    span = lambda v: str(v[0]) if len(v) == 1 else f"{v[0]}-{v[-1]}"  # noqa: E731
+    return (f"{', '.join(arms) or 'all runs'}: {len(table)} arm{'s' * (len(table) != 1)}, each tuned "
+            f"over {span(grids)} values of {', '.join(tune)} x {span(seeds)} seeds")
+
+
 def tuned_markdown(table: pd.DataFrame, arms: list[str], tune: list[str], title: str) -> str:
     shown = pd.DataFrame({HEADERS.get(k, k): table[k] for k in arms} if arms else
                          {"Arm": ["(all runs)"] * len(table)})
@@ -120,7 +128,10 @@ def budget_figure(curves: pd.DataFrame, arms: list[str], tune: list[str], title:
     sns.lineplot(data=curves, x="k", y="expected_best_val", hue="arm", marker="o", ax=ax)
     ax.set(xscale="log", xlabel="configurations tried (runs drawn at random from the grid x seeds)",
            ylabel="expected best validation accuracy (%)")
+    ticks = [k for k in (1, 2, 3, 5, 10, 20, 50, 100, 200) if k <= curves["k"].max()]
+    ax.set_xticks(ticks, [str(k) for k in ticks])
+    ax.minorticks_off()
     ax.grid(alpha=0.3, which="both")
     ax.legend(title=" / ".join(HEADERS.get(k, k) for k in arms) or None, loc="lower right", fontsize=8)
-    fig.suptitle(f"Budget: {title}, tuning {', '.join(tune)}")
+    fig.suptitle(f"Expected best validation accuracy by budget\n{title}", fontsize=11)
     return fig
