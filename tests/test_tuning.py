@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 from analysis.runs import collect
-from analysis.tables import compare_with_best, holm, sweep_reports
+from analysis.tables import compare_with_best, holm, p_value, sweep_reports
 from analysis.tuning import TuningError, budget_curves, expected_max, tuned_table
 from conftest import run_script
 from test_analysis import make_run
@@ -149,3 +149,11 @@ def test_two_tuned_keys_pick_the_best_pair_on_validation(tmp_path):
     (row,) = tuned_table(runs, ["optim.lr", "optim.weight_decay"], ["optim.lr", "optim.weight_decay"]).to_dict("records")
     assert row["chosen"] == {"optim.lr": "1e-3", "optim.weight_decay": "1e-4"} and row["grid"] == 4
     assert row["mean"] == pytest.approx(10.0)
+
+
+def test_same_architecture_without_shared_seeds_falls_back_to_welch():
+    a, b = {0: 70.0, 1: 73.0, 2: 71.0}, {3: 80.0, 4: 82.0, 5: 81.0}
+    p, test = p_value(a, b, paired=True)
+    assert test == "Welch" and p == pytest.approx(stats.ttest_ind([70, 73, 71], [80, 82, 81], equal_var=False).pvalue)
+    p, test = p_value(a, {0: 80.0, 1: 82.0, 2: 81.0}, paired=True)
+    assert test == "paired" and p == pytest.approx(stats.ttest_rel([70, 73, 71], [80, 82, 81]).pvalue)
