@@ -77,7 +77,7 @@ def scale_text(run: pd.Series, seed_epochs: int) -> str:
     if run.get("data_source") == "synthetic" or run["choices"].get("data") == "synthetic":
         return "synthetic data"
     cfg, notes = run["config"], []
-    epochs = round(cfg.get("epochs", seed_epochs) * (cfg.get("scale") or 1.0))
+    epochs = int(run.get("epochs_run") or seed_epochs)  # completed: ran every (scaled) epoch
     if epochs != seed_epochs:
         notes.append(f"{epochs} epochs")
     train = int(run.get("train_images") or 0)

@@ -2,6 +2,7 @@
 a file that cannot be trusted marks its run `unreadable`, with the file and the reason."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from ablate.record import identity
@@ -63,6 +66,32 @@ def flatten(tree, prefix: str = "") -> dict:
     for k, v in tree.items():
         out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
+
+
+def sweep_order(multirun_yaml: Path) -> dict[str, list[str]]:
+    """Each key the sweep in multirun.yaml swept, with its values in the order they were typed."""
+    try:
+        hydra_cfg = _yaml(multirun_yaml)["hydra"]
+        params = (hydra_cfg.get("sweeper") or {}).get("params") or {}
+        lines = [*hydra_cfg["overrides"]["task"], *(f"{k}={v}" for k, v in params.items())]
+        overrides = OverridesParser.create().parse_overrides(lines)
+    except Exception:  # no order to follow: the folders' own order stands
+        return {}
+    order = {}
+    for override in overrides:
+        if override.is_sweep_override():
+            with contextlib.suppress(HydraException):  # glob(...) needs Hydra's config loader
+                order[override.key_or_group] = list(override.sweep_string_iterator())
+    return order
+
+
+def _position(row: dict, orders: dict) -> tuple:
+    """Where a run's values come in its sweep's lists: job folders are named, not numbered, so
+    this keeps table rows in the order typed (of the sweep that last wrote multirun.yaml)."""
+    if row["sweep"] not in orders:
+        orders[row["sweep"]] = sweep_order(Path(row["sweep"]) / "multirun.yaml")
+    return tuple(values.index(row["overrides"].get(key)) if row["overrides"].get(key) in values
+                 else len(values) for key, values in orders[row["sweep"]].items())
 
 
 def _yaml(path: Path) -> dict:
@@ -213,6 +242,8 @@ def collect(roots: list[Path], csvs: tuple[str, ...] = ("metrics",)) -> tuple[pd
             for name, frame in frames.items():
                 if frame is not None:
                     stacked[name].append(frame.assign(run_dir=str(run_dir)))
+    orders: dict = {}  # job folders are named, not numbered: keep the order the sweep typed
+    rows.sort(key=lambda row: (row["sweep"], _position(row, orders)))
     runs = pd.DataFrame(rows, columns=[*COLUMNS, *FROM_RECORD])
     runs["acc"] = runs["acc"].astype(float)
     runs = mark_duplicates(runs)
