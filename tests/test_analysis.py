@@ -257,10 +257,10 @@ def test_plot_title_one_legend_and_train_accuracy_when_losses_differ(tmp_path):
 
 def real_run(path, overrides, acc, seed=0, source="cifar10", images=(50_000, 0)):
     """A run whose config.yaml is the real composed config, as Hydra writes it."""
-    cfg = OmegaConf.to_container(compose_cfg([*overrides, f"seed={seed}"]))
-    return make_run(path, [*overrides, f"seed={seed}"], acc=acc, config=cfg,
+    cfg = compose_cfg([*overrides, f"seed={seed}"])
+    return make_run(path, [*overrides, f"seed={seed}"], acc=acc, config=OmegaConf.to_container(cfg),
                     record={"data_source": source, "train_images": images[0], "val_images": images[1],
-                            "epochs_run": cfg["epochs"]})
+                            "epochs_run": cfg.epochs})
 
 
 def test_reproduction_compares_like_with_like(tmp_path):
