@@ -44,7 +44,8 @@ def prepare_out(out: Path) -> None:
         else:  # a folder from before manifests: tables.md beside its reproduction.md and plots
             listed = {p.name for p in out.glob("*.png")} | {"tables.md", "reproduction.md"} \
                 if (out / "tables.md").exists() else set()
-        foreign = [p.name for p in out.iterdir() if p.name not in listed | {MANIFEST}]
+        # other tools' subfolders (e.g. bn_study's --out DIR/bn) are left alone; loose files are not ours
+        foreign = [p.name for p in out.iterdir() if p.is_file() and p.name not in listed | {MANIFEST}]
         if foreign:
             raise SystemExit(f"error: {out} holds files this tool did not write ({', '.join(foreign[:3])}); "
                              "choose another --out")
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             name = unique(f"{slug(Path(report['sweep']).name)}.png", written)
             curves_figure(sweep_runs, sweep_curves, report["keys"], report["title"]).savefig(out / name, dpi=110)
             written.append(name)
-            md += f"\n![{report['title']}]({name})\n"
+            md += f"\n![training curves]({name})\n"
         if report["sweep"] in tuned:
             table, budget = tuned[report["sweep"]]
             title = tuned_title(table, report["arms"], args.tune)
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             budget_figure(budget, report["arms"], args.tune, title).savefig(out / name, dpi=110)
             written.append(name)
             md += "\n" + tuned_markdown(table, report["arms"], args.tune, title)
-            md += f"\n![expected best validation accuracy vs configurations tried]({name})\n"
+            md += f"\n![budget curves]({name})\n"
         sections.append(md)
     repro = reproduction_table(runs, load_seed_results(), hydra_composer())
     if (repro["n"] > 0).any():  # only when some run reproduces a row of the seed report

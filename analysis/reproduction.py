@@ -97,8 +97,10 @@ def _metric(run: pd.Series, name: str | None) -> float:
     return run["acc"]
 
 
-def reproduction_table(runs: pd.DataFrame, seed_rows: list[dict], preset: Composer) -> pd.DataFrame:
-    """One line per seed row and kind of run (exact, variant; full, reduced, synthetic scale)."""
+def reproduction_table(runs: pd.DataFrame, seed_rows: list[dict], preset: Composer | None = None) -> pd.DataFrame:
+    """One line per seed row and kind of run (exact, variant; full, reduced, synthetic scale);
+    `preset` composes a row's preset (default: from this checkout's conf/)."""
+    preset = preset or hydra_composer()
     done = runs[(runs["status"] == "completed")]
     out = []
     for row in seed_rows:

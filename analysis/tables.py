@@ -250,7 +250,7 @@ def sweep_reports(runs: pd.DataFrame) -> list[dict]:
         keys = variant_keys(group)
         table = summarize(group, keys)
         title = describe(table, keys)
-        md = to_markdown(table, keys, metric_note(group), f"{title} ({sweep})") if len(table) else \
+        md = to_markdown(table, keys, metric_note(group), f"{sweep} — {title}") if len(table) else \
             f"### {sweep}\n\nNo completed runs.\n"
         bad = leftovers(group)
         if len(bad):

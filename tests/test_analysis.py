@@ -219,6 +219,9 @@ def test_each_call_writes_one_self_contained_folder_and_counts_right(tmp_path, c
         (old / name).write_text("old")
     make_tables.main(["--root", str(b), "--out", str(old)])
     assert sorted(p.name for p in old.iterdir()) == [".written", "b.png", "tables.md"]
+    (shared / "bn").mkdir()  # another tool's subfolder, e.g. bn_study --out report/bn
+    make_tables.main(["--root", str(a), "--out", str(shared)])
+    assert (shared / "bn").is_dir() and sorted(p.name for p in shared.glob("*.png")) == ["a.png"]
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(SystemExit, match="did not write"):

@@ -71,7 +71,7 @@ def test_every_table_is_one_command_with_seeds_ci_and_a_reproduction_report(tmp_
     out = tmp_path / "tables"
     proc = run_script("analysis/make_tables.py", "--root", str(tmp_path), "--out", str(out))
     for table, (header, rows) in TABLES.items():
-        md = (out / "tables.md").read_text().split(f"({tmp_path / table})\n")[1].split("\n#")[0]
+        md = (out / "tables.md").read_text().split(f"### {tmp_path / table} — ")[1].split("\n#")[0]
         lines = [ln for ln in md.splitlines() if ln.startswith("|")]
         assert lines[0].split("|")[1].strip() == header
         assert "95% bootstrap interval" in lines[0] and "vs best" in lines[0]
