@@ -8,7 +8,6 @@ band.png, val_acc.png, landscape.png (when the probe ran) and bn_study.md.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import matplotlib
@@ -19,7 +18,8 @@ from matplotlib.ticker import MaxNLocator
 import numpy as np
 import pandas as pd
 import seaborn as sns
-from omegaconf import OmegaConf
+
+from analysis.runs import collect as runs_collector
 
 VARIANTS = ("no BN", "BN")  # fixed order and colours in every plot
 PALETTE = {"no BN": "tab:red", "BN": "tab:blue"}
@@ -27,34 +27,34 @@ PALETTE = {"no BN": "tab:red", "BN": "tab:blue"}
 
 # ----------------------------------------------------------------------------- collect
 
-def _read_csv(path: Path, run: str) -> pd.DataFrame | None:
-    return pd.read_csv(path).assign(run=run) if path.exists() else None
+CSVS = ("metrics", "steps", "landscape")
 
 
 def collect(root: Path) -> dict[str, pd.DataFrame]:
-    """Every run folder under root (one with result.json) as runs/metrics/steps/landscape frames."""
-    runs, tables = [], {"metrics": [], "steps": [], "landscape": []}
-    for result in sorted(Path(root).rglob("result.json")):
-        run_dir = result.parent
-        cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-        choices = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.runtime.choices
-        record = json.loads(result.read_text())
-        run = str(run_dir.relative_to(root))
-        runs.append(dict(run=run, model=choices.get("model"), optim=choices.get("optim"),
-                         # the label follows what was built, whichever preset or key chose it
-                         variant="BN" if cfg.model.get("batchnorm") else "no BN",
-                         lr=float(cfg.optim.lr), status=record["status"],
-                         best_test_acc=record.get("best_test_acc"),
-                         final_test_acc=record.get("final_test_acc")))
-        for name in tables:
-            frame = _read_csv(run_dir / f"{name}.csv", run)
-            if frame is not None:
-                tables[name].append(frame)
-    if not runs:
-        raise FileNotFoundError(f"no run folders (with result.json) under {root}")
-    out = {"runs": pd.DataFrame(runs)}
-    for name, frames in tables.items():
-        out[name] = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    """Runs (with a record) under root as runs/metrics/steps/landscape frames keyed by `run`, plus
+    `skipped`: the folders left out (damaged, unfinished, copies) and why. Never raises on bad files."""
+    found, frames = runs_collector([Path(root)], csvs=CSVS)
+    usable = found["status"].isin(("completed", "completed without accuracy", "diverged", "failed",
+                                   "interrupted"))
+    lr = [cfg.get("optim.lr") for cfg in found["config"]]
+    usable &= pd.Series([isinstance(x, (int, float)) for x in lr], index=found.index)
+    ok = found[usable]
+    runs = pd.DataFrame({
+        "run": [str(Path(d).relative_to(root)) for d in ok["run_dir"]],
+        "model": [c.get("model") for c in ok["choices"]], "optim": [c.get("optim") for c in ok["choices"]],
+        # the label follows what was built, whichever preset or key chose it
+        "variant": ["BN" if cfg.get("model.batchnorm") else "no BN" for cfg in ok["config"]],
+        "lr": [float(cfg["optim.lr"]) for cfg in ok["config"]], "status": ok["status"],
+        "best_test_acc": ok["best_test_acc"], "final_test_acc": ok["final_test_acc"]})
+    if runs.empty:
+        raise FileNotFoundError(f"no run folders with a readable result.json under {root}")
+    names = dict(zip(ok["run_dir"], runs["run"]))
+    out = {"runs": runs.reset_index(drop=True),
+           "skipped": found.loc[~usable, ["run_dir", "status", "error"]].reset_index(drop=True)}
+    for name in CSVS:
+        frame = frames[name]
+        frame = frame[frame["run_dir"].isin(names)]
+        out[name] = frame.assign(run=frame["run_dir"].map(names)).drop(columns="run_dir")
     return out
 
 
@@ -70,7 +70,8 @@ def loss_band(steps: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     df = _with_runs(steps, runs)
     df["loss"] = df["loss"].where(np.isfinite(df["loss"]))  # a diverged rate leaves the band
     band = df.groupby(["variant", "step"])["loss"].agg(lo="min", hi="max", runs="count")
-    band["width"] = band["hi"] - band["lo"]
+    # one usable rate has no band: its width is unknown, not 0 (which would make a ratio of 0)
+    band["width"] = (band["hi"] - band["lo"]).where(band["runs"] >= 2)
     return band.reset_index()
 
 
@@ -95,10 +96,11 @@ def convergence_table(runs: pd.DataFrame, metrics: pd.DataFrame, threshold: floa
     """Per variant x lr: best/final accuracy (validation when there is one), epoch to threshold, diverged."""
     rows = []
     for run in runs.itertuples():
-        m = metrics[metrics["run"] == run.run].sort_values("epoch")
+        m = metrics[metrics["run"] == run.run].sort_values("epoch") if len(metrics) else pd.DataFrame(
+            columns=["epoch", "train_loss", "val_acc", "test_acc"])  # every run killed before epoch 1
         acc_col = "val_acc" if len(m) and m["val_acc"].notna().all() else "test_acc"
         acc = m[acc_col] if len(m) else pd.Series(dtype=float)
-        diverged = run.status == "diverged" or not np.isfinite(m["train_loss"]).all()
+        diverged = run.status == "diverged" or not np.isfinite(m["train_loss"].astype(float)).all()
         rows.append({"variant": run.variant, "lr": run.lr, "acc on": acc_col.split("_")[0],
                      "best acc": acc.max() if len(acc) else np.nan,
                      "final acc": acc.iloc[-1] if len(acc) else np.nan,
@@ -201,14 +203,20 @@ def report(data: dict[str, pd.DataFrame], threshold: float = 0.5) -> tuple[str, 
     if band is not None and band["runs"].max() > 1:  # a band needs at least two learning rates
         # "early" = the first epoch's steps, whatever the data size
         early = int((data["steps"]["epoch"] == 1).groupby(data["steps"]["run"]).sum().max())
+        summary = band_summary(band, early)
         parts += ["## Training-loss band over learning rates (mean max-min gap)",
-                  _markdown(band_summary(band, early), index=True)]
+                  _markdown(summary, index=True)]
+        if summary.isna().any().any():
+            parts.append("nan: a variant has fewer than two usable learning rates, so no band.")
         figs["band"] = plot_band(band)
     if len(data["landscape"]):
         panels = landscape_panels(data["landscape"], runs)
         parts += ["## Loss landscape (Santurkar et al.), mean over probed steps",
                   _markdown(landscape_summary(panels))]
         figs["landscape"] = plot_landscape(panels)
+    skipped = data.get("skipped", pd.DataFrame())
+    if len(skipped):
+        parts += ["## Run folders left out", _markdown(skipped.fillna(""))]
     return "\n\n".join(parts) + "\n", figs
 
 

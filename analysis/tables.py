@@ -8,25 +8,38 @@ import pandas as pd
 from scipy import stats
 
 ALPHA = 0.05
+LEVEL = 0.95
+RESAMPLES = 10_000
 # Table headers in the seed report's words for the axes the user sweeps.
 HEADERS = {"loss": "Loss", "model/activation": "Activation", "optim": "Optimizer",
            "sched": "Scheduler", "model": "Model", "data": "Data", "experiment": "Preset",
            "ablation": "Table"}
-PLUMBING = ("seed", "data.root", "device", "save_weights", "precision", "threads")
+# Keys that say where or how a run executes, not what it is: never a row of a table.
+PLUMBING = ("seed", "data.root", "data.download", "device", "save_weights", "precision",
+            "threads", "cuda_memory_fraction", "compile", "log_steps")
 METRIC_NAMES = {
     "test_acc_at_best_val": "test accuracy at the epoch of best validation accuracy",
     "final_test_acc": "test accuracy after the last epoch",
 }
+DONE = ("completed", "completed without accuracy")  # runs that make a table's rows
+
+
+def is_setting(key: str) -> bool:
+    return not key.startswith("hydra") and key not in PLUMBING
+
+
+def signature(overrides: dict) -> tuple:
+    """What the user set for a run, seed and plumbing left out: runs with one signature are seeds of one row."""
+    return tuple(sorted((k, str(v)) for k, v in overrides.items() if is_setting(k)))
 
 
 def variant_keys(runs: pd.DataFrame) -> list[str]:
-    """Override keys whose values differ between runs (seed and where/how-to-run keys excluded)."""
+    """Override keys whose values differ between the completed runs (other runs add no columns)."""
+    done = runs[runs["status"].isin(DONE)]
     keys: list[str] = []
-    for overrides in runs["overrides"]:
-        keys += [k for k in overrides if k not in keys]
-    keys = [k for k in keys if not k.startswith("hydra") and k not in PLUMBING]
-    return [k for k in keys
-            if len({str(o.get(k, "(default)")) for o in runs["overrides"]}) > 1]
+    for overrides in done["overrides"]:
+        keys += [k for k in overrides if k not in keys and is_setting(k)]
+    return [k for k in keys if len({str(o.get(k, "(default)")) for o in done["overrides"]}) > 1]
 
 
 def label(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -37,119 +50,210 @@ def label(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return out
 
 
-def pick_metric(runs: pd.DataFrame) -> str:
-    """Test accuracy at the best validation epoch when every finished run has one, else final."""
-    done = runs[runs["status"] == "completed"]
-    if len(done) and "test_acc_at_best_val" in done and done["test_acc_at_best_val"].notna().all():
-        return "test_acc_at_best_val"
-    return "final_test_acc"
+def mean_sd(values: np.ndarray) -> tuple[float, float]:
+    """Mean and sample standard deviation (nan where undefined)."""
+    mean = float(np.mean(values)) if len(values) else math.nan
+    return mean, float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
 
 
-def mean_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
-    """Mean, sample std and half-width of the Student-t confidence interval (nan when n < 2)."""
-    n = len(values)
-    mean = float(np.mean(values)) if n else math.nan
-    if n < 2:
-        return mean, math.nan, math.nan
-    std = float(np.std(values, ddof=1))
-    return mean, std, float(stats.t.ppf(0.5 + level / 2, n - 1) * std / math.sqrt(n))
+def bootstrap_interval(values: np.ndarray, level: float = LEVEL, resamples: int = RESAMPLES,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean. It never leaves the range of the values, so an
+    accuracy's interval stays within [0, 100]; with few seeds it is narrow and coarse."""
+    if len(values) < 2:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)  # fixed: the same runs always give the same table
+    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(axis=1)
+    lo, hi = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
 
 
 def _status_text(statuses: pd.Series) -> str:
-    counts = statuses.value_counts()
-    return ", ".join(f"{n} {s}" for s, n in counts.items())
-
-
-def summarize(runs: pd.DataFrame, keys: list[str], metric: str) -> pd.DataFrame:
-    """One row per variant: n, mean, std, 95% CI of `metric`, Welch's p-value against the best row."""
-    rows = []
-    grouped = runs.groupby(keys, sort=False, dropna=False) if keys else [((), runs)]
-    for values, group in grouped:
-        values = values if isinstance(values, tuple) else (values,)
-        done = group[group["status"] == "completed"]
-        acc = done[metric].dropna().to_numpy(dtype=float) * 100
-        mean, std, half = mean_ci(acc)
-        best = done["best_test_acc"].dropna().to_numpy(dtype=float) * 100
-        rows.append({**dict(zip(keys, values)), "n": len(acc), "mean": mean, "std": std,
-                     "ci_low": mean - half, "ci_high": mean + half,
-                     "best_epoch_mean": float(best.mean()) if len(best) else math.nan,
-                     "epochs": _epochs_text(done), "status": _status_text(group["status"]),
-                     "_acc": acc})
-    table = pd.DataFrame(rows)
-    return _compare_with_best(table)
+    return ", ".join(f"{n} {s}" for s, n in statuses.value_counts().items())
 
 
 def _epochs_text(done: pd.DataFrame) -> str:
-    if done.empty:
+    epochs = done["epochs_run"].dropna()
+    if epochs.empty:
         return "-"
-    lo, hi = int(done["epochs_run"].min()), int(done["epochs_run"].max())
+    lo, hi = int(epochs.min()), int(epochs.max())
     return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
-def _compare_with_best(table: pd.DataFrame) -> pd.DataFrame:
-    """Welch's t-test of every row against the row with the highest mean."""
-    table["p_vs_best"], table["verdict"] = math.nan, ""
-    if table["mean"].notna().sum() == 0:
-        return table.drop(columns="_acc")
+def assign_rows(runs: pd.DataFrame) -> pd.DataFrame:
+    """Each run's row: its signature when some completed run has it, else None (listed below the table)."""
+    out = runs.copy()
+    out["signature"] = [signature(o) for o in runs["overrides"]]
+    rows = set(out.loc[out["status"].isin(DONE), "signature"])
+    # an unreadable hydra.yaml leaves no overrides to match on: such a run joins no row
+    out["row"] = [s if s in rows and (st != "unreadable" or o) else None
+                  for s, st, o in zip(out["signature"], out["status"], out["overrides"])]
+    return out
+
+
+def summarize(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """One row per variant with completed runs: n usable, mean, sd, bootstrap interval, per-seed accuracies."""
+    runs = assign_rows(runs)
+    labelled = label(runs[runs["row"].notna()], keys)
+    out = []
+    for _, group in labelled.groupby("row", sort=False):
+        usable = group[(group["status"] == "completed") & group["acc"].notna()]
+        acc = usable["acc"].to_numpy(dtype=float) * 100
+        mean, sd = mean_sd(acc)
+        lo, hi = bootstrap_interval(acc)
+        best = group.loc[group["status"] == "completed", "best_test_acc"].dropna().astype(float) * 100
+        out.append({**{k: group[k].iloc[0] for k in keys}, "row": group["row"].iloc[0],
+                    "n": len(acc), "mean": mean, "std": sd, "ci_low": lo, "ci_high": hi,
+                    "best_epoch_mean": float(best.mean()) if len(best) else math.nan,
+                    "epochs": _epochs_text(group[group["status"].isin(DONE)]),
+                    "status": _status_text(group["status"]),
+                    "seeds": dict(zip(usable["seed"], acc)),
+                    "pairing": common_pairing(group)})
+    return compare_with_best(pd.DataFrame(out))
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (nan stays nan, out of the family)."""
+    order = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
+    adjusted, running = [math.nan] * len(pvalues), 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p))  # adjusted p never decreases
+        adjusted[i] = running
+    return adjusted
+
+
+def pairing_key(config: dict) -> tuple:
+    """What must match for one seed to mean the same initialisation and data order in two runs:
+    the architecture (model settings but activation and dropout, which draw no weights), the data
+    and the batch size."""
+    return tuple(sorted((k, str(v)) for k, v in config.items()
+                        if (k.startswith(("model.", "data.")) or k == "batch_size")
+                        and not k.startswith(("model.activation", "model.dropout"))
+                        and k not in PLUMBING))
+
+
+def p_value(a: dict, b: dict, paired: bool) -> tuple[float, str]:
+    """p-value and test name for per-seed accuracies a vs b: paired on shared seeds, else Welch."""
+    common = sorted(set(a) & set(b))
+    if paired and len(common) >= 2:
+        x, y, name = np.array([a[s] for s in common]), np.array([b[s] for s in common]), "paired"
+        if np.all(x - y == (x - y)[0]):  # constant differences: a t-test has no spread to use
+            return math.nan, "paired"
+        return float(stats.ttest_rel(x, y).pvalue), name
+    x, y = np.array(list(a.values())), np.array(list(b.values()))
+    if len(x) < 2 or len(y) < 2 or (np.std(x) == 0 and np.std(y) == 0):
+        return math.nan, "Welch"
+    return float(stats.ttest_ind(x, y, equal_var=False).pvalue), "Welch"
+
+
+def common_pairing(runs: pd.DataFrame):
+    """The rows' shared pairing key, or None when its runs disagree (then no pairing)."""
+    keys = {pairing_key(c) for c in runs["config"] if c}
+    return keys.pop() if len(keys) == 1 else None
+
+
+def compare_with_best(table: pd.DataFrame) -> pd.DataFrame:
+    """Every row against the row with the highest mean: paired t-test when they share seeds and
+    architecture, else Welch; p-values Holm-adjusted over the table; 'worse' only after that."""
+    table = table.copy()
+    table["p_vs_best"], table["p_holm"], table["test"], table["verdict"] = math.nan, math.nan, "", ""
+    if table.empty or table["mean"].notna().sum() == 0:
+        return table
     best = table["mean"].idxmax()
     table.loc[best, "verdict"] = "best"
-    for i in table.index:
-        if i == best or math.isnan(table.at[i, "mean"]):
-            continue
-        a, b = table.at[i, "_acc"], table.at[best, "_acc"]
-        if len(a) < 2 or len(b) < 2:
-            table.at[i, "verdict"] = "n < 2: untested"
-            continue
-        p = stats.ttest_ind(a, b, equal_var=False).pvalue
-        if math.isnan(p):  # both groups without spread, e.g. identical runs
-            p = 1.0 if np.mean(a) == np.mean(b) else 0.0
-        table.at[i, "p_vs_best"] = p
-        table.at[i, "verdict"] = "tied with best" if p >= ALPHA else "worse"
-    return table.drop(columns="_acc")
+    for i in table.index.drop(best):
+        paired = table.at[i, "pairing"] is not None and table.at[i, "pairing"] == table.at[best, "pairing"]
+        table.at[i, "p_vs_best"], table.at[i, "test"] = p_value(
+            table.at[i, "seeds"], table.at[best, "seeds"], paired)
+    table["p_holm"] = holm(table["p_vs_best"].tolist())
+    for i in table.index.drop(best):
+        p = table.at[i, "p_holm"]
+        table.at[i, "verdict"] = (
+            "no usable runs" if table.at[i, "n"] == 0 else "untested (too few seeds or no spread)"
+            if math.isnan(p) else "worse" if p < ALPHA else "no evidence of a difference")
+    return table
 
 
-def _fmt(x: float, digits: int = 2) -> str:
+def verdict_text(row: pd.Series) -> str:
+    """'worse (paired p=0.004, Holm p=0.008)', or the verdict alone when untested."""
+    if math.isnan(row["p_vs_best"]):
+        return row["verdict"]
+    return f"{row['verdict']} ({row['test']} p={row['p_vs_best']:.3f}, Holm p={row['p_holm']:.3f})"
+
+
+TESTS_NOTE = (f"a paired t-test on the per-seed differences when the row shares seeds and "
+              f"architecture with the best row (one seed then fixes initialisation and data order), "
+              f"else Welch's t-test; raw p and Holm-adjusted p over the table's comparisons; "
+              f"'worse' only when the adjusted p < {ALPHA}, otherwise 'no evidence of a difference' "
+              f"(not evidence of equality; the best row was itself picked by its mean).")
+
+
+def fmt(x: float, digits: int = 2) -> str:
+    """A number with `digits` decimals, '-' for a missing one."""
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def describe(table: pd.DataFrame, keys: list[str]) -> str:
+    """'loss: 4 variants x 3 seeds' (what was swept, how many runs)."""
+    axis = ", ".join(keys) or "one configuration"
+    ns = sorted({int(n) for n in table["n"]}) if len(table) else [0]
+    seeds = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+    variants = f"{len(table)} variant{'s' * (len(table) != 1)}"
+    return f"{axis}: {variants} x {seeds} seed{'s' * (ns != [1])}"
+
+
+def metric_note(runs: pd.DataFrame) -> str:
+    used = runs.loc[runs["status"] == "completed", "metric"].dropna().unique()
+    return " / ".join(METRIC_NAMES.get(m, m) for m in sorted(used)) or METRIC_NAMES["final_test_acc"]
 
 
 def to_markdown(table: pd.DataFrame, keys: list[str], metric: str, title: str) -> str:
     """The summary table in the seed report's style, with a footnote saying what it reports."""
     shown = pd.DataFrame({HEADERS.get(k, k): table[k] for k in keys} if keys else
-                         {"Variant": ["(all runs)"] * len(table)})
+                         {"Settings": [", ".join(f"{k}={v}" for k, v in row) or "defaults"
+                                       for row in table["row"]]})
     shown["Test Accuracy (%)"] = [
-        f"{_fmt(m)} ± {_fmt(s)}" if not math.isnan(s) else _fmt(m)
-        for m, s in zip(table["mean"], table["std"])]
-    shown["95% CI"] = [f"[{_fmt(lo)}, {_fmt(hi)}]" if not math.isnan(lo) else "-"
-                       for lo, hi in zip(table["ci_low"], table["ci_high"])]
+        "no usable runs" if n == 0 else f"{fmt(m)} ± {fmt(s)}" if n > 1 else fmt(m)
+        for m, s, n in zip(table["mean"], table["std"], table["n"])]
+    shown["95% bootstrap interval"] = [f"[{fmt(lo)}, {fmt(hi)}]" if not math.isnan(lo) else "-"
+                                       for lo, hi in zip(table["ci_low"], table["ci_high"])]
     shown["n"] = table["n"]
-    shown["vs best (Welch p)"] = [
-        v if math.isnan(p) else f"{v} (p={p:.3f})" for v, p in zip(table["verdict"], table["p_vs_best"])]
-    shown["Best-epoch test (%)"] = [_fmt(x) for x in table["best_epoch_mean"]]
-    shown["Epochs"] = table["epochs"]
+    shown["vs best"] = [verdict_text(row) for _, row in table.iterrows()]
+    shown["Best-epoch test (%)"] = [fmt(x) for x in table["best_epoch_mean"]]
+    shown["Epochs run"] = table["epochs"]
     shown["Runs"] = table["status"]
-    note = (f"Test Accuracy = {METRIC_NAMES[metric]}, mean ± sample std over seeds (n completed "
-            f"runs); 95% CI from Student's t. 'tied with best': Welch's t-test against the best "
-            f"row gives p >= {ALPHA}. Best-epoch test accuracy picks the epoch on the test set "
-            f"itself, so it is optimistic.")
+    note = (f"Test Accuracy = {metric}, mean ± sample sd over seeds (n = completed runs with a "
+            f"usable accuracy; copies of one run count once). Interval: 95% percentile bootstrap "
+            f"of the mean ({RESAMPLES:,} resamples), always inside the observed range, so within "
+            f"[0, 100]; with few seeds it is narrower than it should be. vs best: {TESTS_NOTE} "
+            f"Best-epoch test accuracy picks the epoch on the test set itself, so it is optimistic.")
     return f"### {title}\n\n{shown.to_markdown(index=False)}\n\n{note}\n"
 
 
-def problems(runs: pd.DataFrame) -> pd.DataFrame:
-    """Runs that did not complete, with what went wrong."""
-    bad = runs[runs["status"] != "completed"]
-    return bad[["run_dir", "status", "error"]].reset_index(drop=True)
+def short(error, width: int = 100) -> str:
+    """First line of an error, cut to `width` characters (the whole error stays in result.json)."""
+    text = str(error).strip().splitlines()[0] if isinstance(error, str) and error.strip() else ""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def leftovers(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs that give no number to the table, each with a short reason."""
+    bad = runs[~((runs["status"] == "completed") & runs["acc"].notna())]
+    return pd.DataFrame({"run": bad["run_dir"], "status": bad["status"],
+                         "why": [short(e) for e in bad["error"]]}).reset_index(drop=True)
 
 
 def sweep_reports(runs: pd.DataFrame) -> list[dict]:
-    """For each sweep: its title, variant keys, metric, summary table and markdown."""
+    """For each sweep: what it is, its variant keys, summary table and markdown."""
     reports = []
     for sweep, group in runs.groupby("sweep", sort=True):
         keys = variant_keys(group)
-        metric = pick_metric(group)
-        table = summarize(label(group, keys), keys, metric)
-        md = to_markdown(table, keys, metric, sweep)
-        bad = problems(group)
+        table = summarize(group, keys)
+        title = describe(table, keys)
+        md = to_markdown(table, keys, metric_note(group), f"{sweep} — {title}") if len(table) else \
+            f"### {sweep}\n\nNo completed runs.\n"
+        bad = leftovers(group)
         if len(bad):
-            md += "\nNot completed:\n\n" + bad.fillna("").to_markdown(index=False) + "\n"
-        reports.append({"sweep": sweep, "keys": keys, "metric": metric, "table": table, "markdown": md})
+            md += "\nRuns without a number in the table:\n\n" + bad.to_markdown(index=False) + "\n"
+        reports.append({"sweep": sweep, "keys": keys, "title": title, "table": table, "markdown": md})
     return reports

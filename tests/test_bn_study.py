@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -240,3 +241,53 @@ def test_effective_beta_is_the_max_gradient_change_per_unit_step():
     [p] = bn_study.landscape_panels(landscape, runs).to_dict("records")
     assert (p["loss_lo"], p["loss_hi"], p["grad_lo"], p["grad_hi"]) == (1.8, 1.9, 1.0, 4.0)
     assert p["beta"] == pytest.approx(4.0)  # max(1.0 / 0.5, 4.0 / 1.0)
+
+
+# ----------------------------------------------------------------------------- damaged study folders
+
+def bn_run(root: Path, name: str, bn: bool, lr: float, status="completed", epochs=2, steps=True):
+    """A hand-made study run folder: config, record, metrics and steps."""
+    run_dir = root / name
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text(
+        f"seed: 0\nmodel:\n  batchnorm: {str(bn).lower()}\noptim:\n  lr: {lr}\n")
+    model = "vgg_a_bn" if bn else "vgg_a"
+    (run_dir / ".hydra" / "hydra.yaml").write_text(
+        f"hydra:\n  runtime:\n    choices: {{model: {model}, optim: adam}}\n"
+        f"  overrides:\n    task: [model={model}, optim.lr={lr}]\n")
+    (run_dir / "result.json").write_text(
+        f'{{"status": "{status}", "epochs_run": {epochs}, "final_test_acc": 0.4, "best_test_acc": 0.45}}')
+    if epochs:
+        pd.DataFrame(dict(epoch=range(1, epochs + 1), train_loss=2.0, test_acc=0.4, val_acc=0.4)).to_csv(
+            run_dir / "metrics.csv", index=False)
+    if steps:
+        pd.DataFrame(dict(step=range(4), epoch=1, loss=[2.3, 2.0 - lr, 1.8, 1.5])).to_csv(
+            run_dir / "steps.csv", index=False)
+    return run_dir
+
+
+def test_damaged_and_killed_runs_are_left_out_with_a_reason(tmp_path):
+    bn_run(tmp_path, "0", True, 1e-3)
+    bn_run(tmp_path, "1", True, 1e-2)
+    bn_run(tmp_path, "2", False, 1e-3)
+    (bn_run(tmp_path, "3", False, 1e-2) / "result.json").write_text('{"status": "compl')  # truncated
+    (bn_run(tmp_path, "4", False, 1e-4, steps=False) / "steps.csv").write_text("")  # empty
+    data = bn_study.collect(tmp_path)
+    assert set(data["runs"]["run"]) == {"0", "1", "2", "4"}
+    assert data["skipped"]["status"].tolist() == ["unreadable"] and "result.json" in data["skipped"]["error"][0]
+    text, figs = bn_study.report(data)
+    summary = bn_study.band_summary(bn_study.loss_band(data["steps"], data["runs"]), early_steps=2)
+    # no BN has one usable learning rate with steps: no band, so no ratio (never a ratio of 0)
+    assert summary.loc["no BN"].isna().all() and summary.loc["no BN / BN"].isna().all()
+    assert summary.loc["BN", "overall"] > 0
+    assert "fewer than two usable learning rates" in text and "Run folders left out" in text
+    for fig in figs.values():
+        plt.close(fig)
+
+
+def test_a_study_whose_runs_all_died_before_epoch_1_still_reports(tmp_path):
+    for i, (bn, lr) in enumerate([(True, 1e-3), (False, 1e-3)]):
+        bn_run(tmp_path, str(i), bn, lr, status="interrupted", epochs=0, steps=False)
+    data = bn_study.collect(tmp_path)
+    text, figs = bn_study.report(data)
+    assert "| interrupted " in text and figs == {}
