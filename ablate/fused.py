@@ -19,6 +19,7 @@ import contextlib
 import copy
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -325,13 +326,21 @@ class Member:
 
 @contextlib.contextmanager
 def signals_deferred():
-    """Hold SIGTERM/SIGINT while the members' epoch goes to disk: all checkpoints stay at one epoch."""
-    held = {signal.SIGTERM, signal.SIGINT}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    """Hold SIGTERM/SIGINT while the members' epoch goes to disk: all checkpoints stay at one epoch.
+
+    Held in Python rather than with pthread_sigmask, which covers one thread only: the kernel
+    may hand the signal to one of torch's worker threads, and Python still runs its handler.
+    """
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
+                for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a held signal is delivered here
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:  # deliver it now, to whoever handled it before
+            os.kill(os.getpid(), caught[0])
 
 
 def save_member_checkpoint(member: Member, stack: Stack, m: int, optimizer, scheduler,
