@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -367,7 +368,8 @@ def run_group(jobs: list[Job]) -> list[RunRecord | None]:
     the same epoch train together (a job alone at its epoch runs through train.run).
     Returns one record per job (None for a job whose config was refused).
     """
-    from ablate.train import config_hash, previous_record, apply_scale, run, _record_failure
+    from ablate.train import (Interrupted, _record_failure, apply_scale, config_hash,
+                              previous_record, run)
     from ablate.validation import ConfigError, validate
 
     results: list[RunRecord | None] = [None] * len(jobs)
@@ -393,14 +395,22 @@ def run_group(jobs: list[Job]) -> list[RunRecord | None]:
         waiting.setdefault(epoch, []).append((i, Job(cfg, job.run_dir, job.choices, job.overrides,
                                                      job.job_num), ckpt))
     for epoch, group in sorted(waiting.items()):
-        if len(group) == 1:
-            i, _, _ = group[0]
-            log.info("%s: alone at epoch %d; training it unfused", jobs[i].run_dir, epoch)
-            results[i] = run(copy.deepcopy(jobs[i].cfg), jobs[i].run_dir, jobs[i].choices,
-                             jobs[i].overrides, job_num=jobs[i].job_num)
+        try:
+            if len(group) == 1:
+                i, _, _ = group[0]
+                log.info("%s: alone at epoch %d; training it unfused", jobs[i].run_dir, epoch)
+                results[i] = run(copy.deepcopy(jobs[i].cfg), jobs[i].run_dir, jobs[i].choices,
+                                 jobs[i].overrides, job_num=jobs[i].job_num)
+                continue
+            records = train_stack([job for _, job, _ in group], [ckpt for _, _, ckpt in group],
+                                  digests=[config_hash(jobs[i].cfg) for i, _, _ in group])
+        except Interrupted:
+            raise
+        except Exception:  # the records say failed; the group's other jobs go on
+            log.exception("training %s failed", ", ".join(str(job.run_dir) for _, job, _ in group))
+            for i, job, _ in group:
+                _record_failure(job.run_dir, job.choices, job.overrides, sys.exc_info()[1])
             continue
-        records = train_stack([job for _, job, _ in group], [ckpt for _, _, ckpt in group],
-                              digests=[config_hash(jobs[i].cfg) for i, _, _ in group])
         for (i, _, _), record in zip(group, records):
             results[i] = record
     return results
@@ -523,30 +533,30 @@ def fit_stack(alive: list[Member], stack: Stack, data, *, optimizer, scheduler, 
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - began
 
-        finite = [math.isfinite(loss) for loss in train["loss"]]
-        if not all(finite):
-            for member, ok, loss in zip(alive, finite, train["loss"]):
-                if not ok:
-                    err = Diverged(f"training loss became {loss} in epoch {epoch}")
-                    member.record.status, member.record.error = "diverged", str(err)
-                    member.record.wall_seconds += time.perf_counter() - started
-                    member.record.save(member.job.run_dir)
-                    log.warning("%s diverged: %s; the other members go on", member.job.run_dir, err)
-            keep = [i for i, ok in enumerate(finite) if ok]
-            if not keep:
-                alive.clear()
-                return
-            optimizer, scheduler = _keep_members(stack, optimizer, scheduler, keep, cfg)
-            alive[:] = [alive[i] for i in keep]
-            train = {k: [v[i] for i in keep] if isinstance(v, list) else v for k, v in train.items()}
-            if step_losses is not None:
-                step_losses = [s[keep] for s in step_losses]
+        keep = [m for m, loss in enumerate(train["loss"]) if math.isfinite(loss)]
+        for m in set(range(len(alive))) - set(keep):
+            err = Diverged(f"training loss became {train['loss'][m]} in epoch {epoch}")
+            record = alive[m].record
+            record.status, record.error = "diverged", str(err)
+            record.wall_seconds += time.perf_counter() - started
+            record.save(alive[m].job.run_dir)
+            log.warning("%s diverged: %s; the other members go on", alive[m].job.run_dir, err)
+        if not keep:
+            alive.clear()
+            return
 
         test = stack.evaluate(data.test_x, data.test_y, precision=precision)
         val = stack.evaluate(data.val_x, data.val_y, precision=precision) if has_val \
             else [{"loss": None, "acc": None}] * len(alive)
         if scheduler is not None:
             scheduler.step()  # never the plateau scheduler: fusable refuses it
+        if len(keep) < len(alive):  # drop the diverged: their checkpoints stay at the last good epoch
+            optimizer, scheduler = _keep_members(stack, optimizer, scheduler, keep, cfg)
+            alive[:] = [alive[m] for m in keep]
+            train = {k: [v[m] for m in keep] if isinstance(v, list) else v for k, v in train.items()}
+            test, val = [test[m] for m in keep], [val[m] for m in keep]
+            if step_losses is not None:
+                step_losses = [s[keep] for s in step_losses]
 
         steps = torch.stack(step_losses).T.tolist() if step_losses is not None else None
         with signals_deferred():
