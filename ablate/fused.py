@@ -111,6 +111,8 @@ class Stack:
         """(N, B, 3, 32, 32), (N, B) -> objective (N,), data loss (N,), logits (N, B, classes)."""
         self.template.train()
         self._calls = self.dropout_calls(inputs.shape[1:])
+        for module, _ in self._calls:
+            module.masks.clear()  # nothing left over from a forward that raised
         # Member m draws its masks from its own stream in its single run's order (call by call).
         masks = [torch.stack([draw_mask(shape, module.p, rng) for rng in rngs])
                  for module, shape in self._calls]
