@@ -1,6 +1,7 @@
 """Per-epoch training checkpoints (everything needed to resume bit for bit), saved atomically."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -21,9 +22,10 @@ def atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(run_dir: Path, *, state, model, optimizer, scheduler, generator, device,
-                    swa=None, scaler=None) -> None:
+def save_checkpoint(run_dir: Path, *, identity: str, state, model, optimizer, scheduler, generator,
+                    device, swa=None, scaler=None) -> None:
     atomic_torch_save({
+        "identity": identity,  # record.identity of the config: a run of another config never resumes it
         "state": asdict(state),
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -45,6 +47,26 @@ def load_checkpoint(run_dir: Path) -> dict | None:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated or corrupted: start over rather than train on garbage
         log.warning("checkpoint %s is unreadable (%s); starting the run from scratch", path, err)
+        return None
+
+
+def save_finished(run_dir: Path, *, identity: str, state, record) -> None:
+    """Replace the resume checkpoint (about 3x the model) by a few kilobytes once the run completed:
+    its identity, the per-epoch rows and the completed record, from which a lost or damaged
+    result.json is rebuilt without training."""
+    atomic_torch_save({"identity": identity, "state": asdict(state),
+                       "finished_record": json.dumps(asdict(record))},  # as result.json holds it
+                      Path(run_dir) / CHECKPOINT_FILE)
+
+
+def peek_checkpoint(run_dir: Path) -> dict | None:
+    """The checkpoint's entries with its tensors memory-mapped, not read; None when absent or unreadable."""
+    path = Path(run_dir) / CHECKPOINT_FILE
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # load_checkpoint says so when the run gets to it
         return None
 
 

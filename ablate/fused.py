@@ -31,11 +31,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from ablate.checkpoint import CHECKPOINT_FILE, atomic_torch_save, link_seed_name, load_checkpoint
+from ablate.checkpoint import (CHECKPOINT_FILE, atomic_torch_save, link_seed_name, load_checkpoint,
+                               save_finished)
 from ablate.data import batches
 from ablate.loop import (BEST_WEIGHTS, STEPS_FILE, Diverged, FitState, Precision, append_steps,
                          pick_precision, summarize)
-from ablate.record import RunRecord, write_metrics
+from ablate.record import RunRecord, identity, write_metrics
 
 log = logging.getLogger("ablate")
 
@@ -351,6 +352,7 @@ def save_member_checkpoint(member: Member, stack: Stack, m: int, optimizer, sche
     """The keys of ablate.checkpoint.save_checkpoint, with the member's own streams."""
     params = list(stack.params.values())
     atomic_torch_save({
+        "identity": member.record.config_hash,  # a run of another config never resumes it
         "state": asdict(member.state),
         "model": stack.state_dict(m),
         "optimizer": member_optimizer_state(optimizer.state_dict(), params, m),
@@ -363,64 +365,57 @@ def save_member_checkpoint(member: Member, stack: Stack, m: int, optimizer, sche
     }, member.job.run_dir / CHECKPOINT_FILE)
 
 
-def run_group(jobs: list[Job]) -> list[RunRecord | None]:
+def run_group(jobs: list[Job]) -> list[str]:
     """Train jobs whose configs differ only in `seed`; each ends as if it had run alone.
 
     Completed jobs are skipped; unfinished ones resume from their checkpoints, and those at
-    the same epoch train together (a job alone at its epoch runs through train.run).
-    Returns one record per job (None for a job whose config was refused).
+    the same epoch train together (a job alone at its epoch runs through train.run). The
+    folders must be accepted and held (ablate.folder), as for train.run. Returns each job's
+    outcome: skipped, completed, diverged or failed.
     """
-    from ablate.train import (Interrupted, _record_failure, apply_scale, config_hash,
-                              previous_record, run)
+    from ablate.train import Interrupted, _record_failure, finished_record, run
     from ablate.validation import ConfigError, validate
 
-    results: list[RunRecord | None] = [None] * len(jobs)
-    waiting: dict[int, list[tuple[int, Job, dict | None]]] = {}  # epoch -> jobs there
+    outcomes = ["failed"] * len(jobs)
+    waiting: dict[int, list[tuple[int, dict | None]]] = {}  # epoch -> (job, checkpoint) there
     for i, job in enumerate(jobs):
-        cfg = copy.deepcopy(job.cfg)  # train.run (for a job alone) scales its own copy
         try:
-            validate(cfg)
-            digest = config_hash(cfg)
-            apply_scale(cfg)
-            previous = previous_record(job.run_dir, digest)
+            validate(job.cfg)
+            done = finished_record(job.run_dir)
         except ConfigError as err:
             log.error("%s: %s", job.run_dir, err)
             _record_failure(job.run_dir, job.choices, job.overrides, err)
             continue
-        if previous is not None and previous.status == "completed":
+        if done is not None:
             log.info("%s is already completed (test acc %.4f); skipping", job.run_dir,
-                     previous.final_test_acc)
-            results[i] = previous
+                     done.final_test_acc)
+            outcomes[i] = "skipped"
             continue
         ckpt = load_checkpoint(job.run_dir)
-        epoch = ckpt["state"]["epoch"] if ckpt else 0
-        waiting.setdefault(epoch, []).append((i, Job(cfg, job.run_dir, job.choices, job.overrides,
-                                                     job.job_num), ckpt))
+        waiting.setdefault(ckpt["state"]["epoch"] if ckpt else 0, []).append((i, ckpt))
     for epoch, group in sorted(waiting.items()):
         try:
             if len(group) == 1:
-                i, _, _ = group[0]
-                log.info("%s: alone at epoch %d; training it unfused", jobs[i].run_dir, epoch)
-                results[i] = run(copy.deepcopy(jobs[i].cfg), jobs[i].run_dir, jobs[i].choices,
-                                 jobs[i].overrides, job_num=jobs[i].job_num)
-                continue
-            records = train_stack([job for _, job, _ in group], [ckpt for _, _, ckpt in group],
-                                  digests=[config_hash(jobs[i].cfg) for i, _, _ in group])
+                job = jobs[group[0][0]]
+                log.info("%s: alone at epoch %d; training it unfused", job.run_dir, epoch)
+                records = [run(job.cfg, job.run_dir, job.choices, job.overrides, job_num=job.job_num)]
+            else:
+                records = train_stack([jobs[i] for i, _ in group], [ckpt for _, ckpt in group])
         except Interrupted:
             raise
-        except Exception:  # the records say failed; the group's other jobs go on
-            log.exception("training %s failed", ", ".join(str(job.run_dir) for _, job, _ in group))
-            for i, job, _ in group:
-                _record_failure(job.run_dir, job.choices, job.overrides, sys.exc_info()[1])
+        except Exception as err:  # the records say failed; the group's other jobs go on
+            log.exception("training %s failed", ", ".join(str(jobs[i].run_dir) for i, _ in group))
+            for i, _ in group:
+                _record_failure(jobs[i].run_dir, jobs[i].choices, jobs[i].overrides, err)
             continue
-        for (i, _, _), record in zip(group, records):
-            results[i] = record
-    return results
+        for (i, _), record in zip(group, records):
+            outcomes[i] = record.status
+    return outcomes
 
 
-def train_stack(jobs: list[Job], ckpts: list[dict | None], digests: list[str]) -> list[RunRecord]:
-    """Build N members from their (scaled) configs, fit them as one stack, write N records."""
-    from ablate.train import Interrupted, build, git_commit, pick_device
+def train_stack(jobs: list[Job], ckpts: list[dict | None]) -> list[RunRecord]:
+    """Build N members from their configs, fit them as one stack, write N records."""
+    from ablate.train import Interrupted, build, git_commit, pick_device, read_record
 
     cfg = jobs[0].cfg
     device = pick_device(cfg.device, jobs[0].job_num)
@@ -431,12 +426,13 @@ def train_stack(jobs: list[Job], ckpts: list[dict | None], digests: list[str]) -
         if device.index is not None:
             torch.cuda.set_device(device)
     records = []
-    for job, digest in zip(jobs, digests):
-        previous = RunRecord.load(job.run_dir) if (job.run_dir / "result.json").exists() else None
+    for job in jobs:
+        previous = read_record(job.run_dir)
         records.append(RunRecord(choices=job.choices, overrides=job.overrides, seed=job.cfg.seed,
                                  epochs=cfg.epochs, device=str(device),
-                                 torch_version=torch.__version__, git_commit=git_commit(),
-                                 config_hash=digest,
+                                 torch_version=str(torch.__version__), git_commit=git_commit(),
+                                 threads=torch.get_num_threads(),
+                                 config_hash=identity(OmegaConf.to_container(job.cfg, resolve=True)),
                                  wall_seconds=previous.wall_seconds if previous else 0.0))
     start = time.perf_counter()
     try:
@@ -473,7 +469,7 @@ def train_stack(jobs: list[Job], ckpts: list[dict | None], digests: list[str]) -
                 scheduler.load_state_dict(ckpts[0]["scheduler"])
         for member, record in zip(members, records):
             record.params = sum(p[0].numel() for p in params)
-            record.scale, record.data_source = cfg.scale, data.source
+            record.scale, record.data_source = cfg.get("scale", 1.0), data.source
             record.train_images, record.val_images, record.test_images = \
                 len(data.train_y), len(data.val_y), len(data.test_y)
             record.extra["fused_members"] = len(members)
@@ -506,6 +502,10 @@ def train_stack(jobs: list[Job], ckpts: list[dict | None], digests: list[str]) -
             if record.status != "diverged":  # a dropped member's time was counted when it left
                 record.wall_seconds += elapsed
                 record.save(job.run_dir)
+    for member in members:
+        if member.record.status == "completed":  # with the completed record safely on disk
+            save_finished(member.job.run_dir, identity=member.record.config_hash,
+                          state=member.state, record=member.record)
     return records
 
 
@@ -571,6 +571,10 @@ def fit_stack(alive: list[Member], stack: Stack, data, *, optimizer, scheduler, 
                            optimizer, scheduler, cfg, device)
         log.info("epoch %d/%d of %d fused seeds | test acc %s | lr %.3g | %.1fs", epoch, cfg.epochs,
                  len(alive), " ".join(f"{t['acc']:.4f}" for t in test), lr, seconds)
+    for member in alive:  # also when resumed after the last epoch: the record is whole
+        summarize(member.state.rows, member.record)
+        member.record.images_per_second = \
+            member.state.train_images / max(member.state.train_seconds, 1e-9)
 
 
 def _end_epoch(member: Member, stack: Stack, m: int, row: dict, images: int, best_key: str,

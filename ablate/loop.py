@@ -227,9 +227,11 @@ def fit(model: nn.Module, data: ImageData, *, loss_fn: nn.Module, optimizer, sch
         summarize(state.rows, record)
         record.images_per_second = state.train_images / max(state.train_seconds, 1e-9)
         record.save(run_dir)
-        save_checkpoint(run_dir, state=state, model=model, optimizer=optimizer,
-                        scheduler=scheduler, generator=generator, device=device, swa=swa,
-                        scaler=precision.scaler)
+        save_checkpoint(run_dir, identity=record.config_hash, state=state, model=model,
+                        optimizer=optimizer, scheduler=scheduler, generator=generator,
+                        device=device, swa=swa, scaler=precision.scaler)
+    summarize(state.rows, record)  # also when resumed after the last epoch: the record is whole
+    record.images_per_second = state.train_images / max(state.train_seconds, 1e-9)
     if swa is not None and state.epoch >= swa.start_epoch:
         record.extra.update(swa.finish(data, batch_size=batch_size, loss_fn=loss_fn,
                                        precision=precision))

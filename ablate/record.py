@@ -20,8 +20,8 @@ OPERATIONAL_KEYS = ("device", "threads", "cuda_memory_fraction", "compile", "sav
                     "log_steps", "data.download")
 
 
-def identity(config: dict) -> str:
-    """A short hash of a resolved run config's result-affecting settings (seed included)."""
+def settings(config: dict) -> dict:
+    """A resolved run config without its operational keys (and without Hydra's own node)."""
     kept = copy.deepcopy({k: v for k, v in config.items() if k != "hydra"})
     for key in OPERATIONAL_KEYS:
         *parents, last = key.split(".")
@@ -30,7 +30,29 @@ def identity(config: dict) -> str:
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict):
             node.pop(last, None)
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return kept
+
+
+def identity(config: dict) -> str:
+    """A short hash of a resolved run config's result-affecting settings (seed included)."""
+    return hashlib.sha256(json.dumps(settings(config), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def differences(stored: dict, current: dict) -> list[str]:
+    """The result-affecting settings in which two resolved configs differ: 'key: stored -> current'."""
+    a, b = _flat(settings(stored)), _flat(settings(current))
+    return [f"{k}: {a.get(k, '<absent>')} -> {b.get(k, '<absent>')}"
+            for k in sorted(a.keys() | b.keys()) if k not in a or k not in b or a[k] != b[k]]
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc",
@@ -65,7 +87,8 @@ class RunRecord:
     device: str = ""
     torch_version: str = ""
     git_commit: str | None = None
-    config_hash: str = ""            # of the resolved config, to recognise a re-run of the same job
+    threads: int | None = None       # CPU threads used (recorded, not part of the identity)
+    config_hash: str = ""            # identity() of the resolved config: the folder's one config
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # study-specific numbers (e.g. SWA accuracy)
 

@@ -1,7 +1,7 @@
 """Train one configuration: `python ablate/train.py [-m] group=option key=value ...`."""
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
 import signal
 import subprocess
@@ -17,10 +17,12 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ablate.checkpoint import link_seed_name
+from ablate.callbacks import JobOutcome
+from ablate.checkpoint import CHECKPOINT_FILE, link_seed_name, peek_checkpoint, save_finished
 from ablate.data import DataError
+from ablate.folder import FolderRefused, accept, locked, logging_to, write_hydra
 from ablate.loop import Diverged, fit, pick_precision
-from ablate.record import RunRecord
+from ablate.record import METRICS_FILE, RESULT_FILE, RunRecord, identity, write_metrics
 from ablate.validation import ConfigError, validate
 
 log = logging.getLogger("ablate")
@@ -76,48 +78,50 @@ def build(cfg: DictConfig, key: str, *args, **kwargs):
         raise ConfigError(f"{key}: {err}") from None
 
 
-def apply_scale(cfg: DictConfig) -> None:
-    """A quick look (scale < 1): fewer epochs; epoch-valued settings shrink alike, and the
-    interpolations that use ${epochs} (the cosine period) follow by themselves."""
-    if cfg.scale == 1.0:
-        return
-    def shrink(n: int) -> int:
-        return max(1, round(n * cfg.scale))
-    cfg.epochs = shrink(cfg.epochs)
-    if cfg.get("swa") and cfg.swa.get("start_epoch") is not None:
-        cfg.swa.start_epoch = min(shrink(cfg.swa.start_epoch), cfg.epochs)
-        cfg.swa.anneal_epochs = min(cfg.swa.anneal_epochs, cfg.epochs - cfg.swa.start_epoch + 1)
-
-
-def config_hash(cfg: DictConfig) -> str:
-    return hashlib.sha256(OmegaConf.to_yaml(cfg, resolve=True).encode()).hexdigest()[:16]
-
-
-def previous_record(run_dir: Path, digest: str) -> RunRecord | None:
-    """The record already in run_dir, which must belong to the same config."""
-    if not (run_dir / "result.json").exists():
+def read_record(run_dir: Path) -> RunRecord | None:
+    """run_dir's result.json, or None when there is none or it is damaged."""
+    if not (run_dir / RESULT_FILE).exists():
         return None
     try:
-        previous = RunRecord.load(run_dir)
+        return RunRecord.load(run_dir)
     except (ValueError, TypeError) as err:
-        log.warning("ignoring unreadable %s/result.json (%s)", run_dir, err)
+        log.warning("ignoring unreadable %s/%s (%s)", run_dir, RESULT_FILE, err)
         return None
-    if previous.config_hash and previous.config_hash != digest:
-        raise ConfigError(f"{run_dir} already holds a run of a different config; choose another "
-                          "directory (hydra.run.dir=... or hydra.sweep.dir=...)")
-    return previous
+
+
+def finished_record(run_dir: Path) -> RunRecord | None:
+    """The record of a run whose training is already done, or None.
+
+    A completed record is taken as it is. When the record is lost, damaged or still says
+    running (a crash after completion), the small checkpoint a completed run leaves holds
+    the finished record and per-epoch rows: both are written back, nothing is trained.
+    """
+    previous = read_record(run_dir)
+    if previous is not None and previous.status == "completed":
+        return previous
+    ckpt = peek_checkpoint(run_dir)
+    if ckpt is None or "finished_record" not in ckpt:
+        return None
+    record = RunRecord(**json.loads(ckpt["finished_record"]))
+    record.save(run_dir)
+    write_metrics(ckpt["state"]["rows"], run_dir)
+    log.info("%s: training was already done; rebuilt %s and %s from %s", run_dir, RESULT_FILE,
+             METRICS_FILE, CHECKPOINT_FILE)
+    return record
 
 
 def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str],
         job_num: int | None = None) -> RunRecord:
-    """Build everything from the config, train (or resume, or skip if done), and write the record."""
+    """Build everything from the config, train (or resume, or skip if done), and write the record.
+
+    run_dir must be this config's (ablate.folder.accept says so) and held (ablate.folder.locked).
+    """
     validate(cfg)
-    digest = config_hash(cfg)
-    apply_scale(cfg)  # keeps what validate checked true (e.g. swa.start_epoch <= epochs)
-    previous = previous_record(run_dir, digest)
-    if previous is not None and previous.status == "completed":
-        log.info("%s is already completed (test acc %.4f); skipping", run_dir, previous.final_test_acc)
-        return previous
+    done = finished_record(run_dir)
+    if done is not None:
+        log.info("%s is already completed (test acc %.4f); skipping", run_dir, done.final_test_acc)
+        return done
+    previous = read_record(run_dir)
 
     device = pick_device(cfg.device, job_num)
     if cfg.get("threads"):
@@ -129,8 +133,9 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str],
         if cfg.get("cuda_memory_fraction"):  # of the current device; a job outgrowing it fails alone
             torch.cuda.set_per_process_memory_fraction(float(cfg.cuda_memory_fraction))
     record = RunRecord(choices=choices, overrides=overrides, seed=cfg.seed, epochs=cfg.epochs,
-                       device=str(device), torch_version=torch.__version__,
-                       git_commit=git_commit(), config_hash=digest,
+                       device=str(device), torch_version=str(torch.__version__),
+                       git_commit=git_commit(), threads=torch.get_num_threads(),
+                       config_hash=identity(OmegaConf.to_container(cfg, resolve=True)),
                        wall_seconds=previous.wall_seconds if previous else 0.0)
     start = time.perf_counter()
     try:
@@ -158,11 +163,11 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str],
         swa = build(cfg, "swa", model, optimizer) \
             if cfg.get("swa") and cfg.swa.start_epoch is not None else None
         record.save(run_dir)
-        fit(model, data, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
-            epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, run_dir=run_dir,
-            record=record, l1_lambda=cfg.l1_lambda, grad_clip=cfg.grad_clip,
-            precision=precision, save_weights=cfg.save_weights, log_steps=cfg.log_steps,
-            before_step=before_step, swa=swa)
+        state = fit(model, data, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
+                    epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, run_dir=run_dir,
+                    record=record, l1_lambda=cfg.l1_lambda, grad_clip=cfg.grad_clip,
+                    precision=precision, save_weights=cfg.save_weights, log_steps=cfg.log_steps,
+                    before_step=before_step, swa=swa)
         record.status = "completed"
         if cfg.save_weights:
             record.weights_file = link_seed_name(run_dir, model, loss_fn, optimizer, scheduler,
@@ -179,47 +184,69 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str],
     finally:
         record.wall_seconds += time.perf_counter() - start
         record.save(run_dir)
+    if record.status == "completed":  # only now, with the completed record safely on disk
+        save_finished(run_dir, identity=record.config_hash, state=state, record=record)
     return record
 
 
 def _record_failure(run_dir: Path, choices: dict, overrides: list[str], err: BaseException) -> None:
     """Leave a failed record for analysis when the run died before writing its own."""
-    if not (run_dir / "result.json").exists():
+    if not (run_dir / RESULT_FILE).exists():
         RunRecord(status="failed", choices=choices, overrides=overrides,
                   error=f"{type(err).__name__}: {err}").save(run_dir)
 
 
 @hydra.main(version_base="1.3", config_path=str(REPO / "conf"), config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def main(cfg: DictConfig) -> JobOutcome:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    choices = {k: v for k, v in OmegaConf.to_container(hc.runtime.choices).items()
-               if not k.startswith("hydra") and v is not None}
     in_sweep = hc.mode == RunMode.MULTIRUN
     handlers = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        record = run(cfg, run_dir, choices, list(hc.overrides.task),
-                     job_num=hc.job.num if in_sweep else None)
+        with locked(run_dir):
+            accept(run_dir, cfg)
+            # Only now is anything written: the folder is this run's, and this config's.
+            write_hydra(run_dir, cfg, HydraConfig.instance().cfg, hc.overrides.task)
+            with logging_to(run_dir / f"{hc.job.name}.log"):
+                return _run_job(cfg, hc, run_dir, in_sweep)
+    except FolderRefused as err:
+        if in_sweep:
+            log.error("refused: %s", err)
+            return JobOutcome("refused", str(err))
+        sys.exit(f"error: {err}")
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def _run_job(cfg: DictConfig, hc, run_dir: Path, in_sweep: bool) -> JobOutcome:
+    """run() in an accepted folder; in a sweep every failure is recorded and the sweep goes on."""
+    choices = {k: v for k, v in OmegaConf.to_container(hc.runtime.choices).items()
+               if not k.startswith("hydra") and v is not None}
+    overrides = list(hc.overrides.task)
+    try:
+        done = finished_record(run_dir)
+        if done is not None:
+            log.info("%s is already completed (test acc %.4f); skipping", run_dir, done.final_test_acc)
+            return JobOutcome("skipped", final_test_acc=done.final_test_acc)
+        record = run(cfg, run_dir, choices, overrides, job_num=hc.job.num if in_sweep else None)
+        return JobOutcome(record.status, record.error or "", record.final_test_acc)
     except Interrupted as err:
         log.error("interrupted by %s; the last finished epoch is saved in %s: run the same command "
                   "again to resume", err, run_dir)
         sys.exit(130 if str(err) == "SIGINT" else 143)
     except (ConfigError, DataError) as err:
-        _record_failure(run_dir, choices, list(hc.overrides.task), err)
+        _record_failure(run_dir, choices, overrides, err)
         if in_sweep:
             log.error("%s", err)
-            return None  # the record says failed; the sweep's other jobs go on
+            return JobOutcome("failed", str(err))  # the record says failed; the other jobs go on
         sys.exit(f"error: {err}")
-    except Exception:
+    except Exception as err:
         if not in_sweep:
             raise
         log.exception("job in %s failed; continuing with the sweep", run_dir)
-        _record_failure(run_dir, choices, list(hc.overrides.task), sys.exc_info()[1])
-        return None
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-    return record.final_test_acc
+        _record_failure(run_dir, choices, overrides, err)
+        return JobOutcome("failed", f"{type(err).__name__}: {err}")
 
 
 if __name__ == "__main__":

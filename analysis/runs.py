@@ -1,6 +1,7 @@
 """Collect Hydra run directories into DataFrames: one row per run, one row per (run, epoch)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 
 
 EXPECTED = ("run_dir", "sweep", "status", "error", "choices", "overrides", "seed", "epochs_run",
@@ -38,6 +41,32 @@ def parse_override(text: str) -> tuple[str, str]:
         return text.lstrip("~").split("=")[0], "<deleted>"
     key, _, value = text.lstrip("+").partition("=")
     return key, value
+
+
+def sweep_order(multirun_yaml: Path) -> dict[str, list[str]]:
+    """Each key the sweep in multirun.yaml swept, with its values in the order they were typed."""
+    try:
+        hydra_cfg = _read_yaml(multirun_yaml)["hydra"]
+        params = (hydra_cfg.get("sweeper") or {}).get("params") or {}
+        lines = [*hydra_cfg["overrides"]["task"], *(f"{k}={v}" for k, v in params.items())]
+        overrides = OverridesParser.create().parse_overrides(lines)
+    except Exception:  # no order to follow: the folders' own order stands
+        return {}
+    order = {}
+    for override in overrides:
+        if override.is_sweep_override():
+            with contextlib.suppress(HydraException):  # glob(...) needs Hydra's config loader
+                order[override.key_or_group] = list(override.sweep_string_iterator())
+    return order
+
+
+def _position(row: dict, orders: dict) -> tuple:
+    """Where a run's values come in its sweep's lists: job folders are named, not numbered, so
+    this keeps table rows in the order typed (of the sweep that last wrote multirun.yaml)."""
+    if row["sweep"] not in orders:
+        orders[row["sweep"]] = sweep_order(Path(row["sweep"]) / "multirun.yaml")
+    return tuple(values.index(row["overrides"].get(key)) if row["overrides"].get(key) in values
+                 else len(values) for key, values in orders[row["sweep"]].items())
 
 
 def _read_yaml(path: Path) -> dict:
@@ -89,6 +118,8 @@ def collect(roots: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
             rows.append(row)
             if c is not None:
                 curves.append(c)
+    orders: dict = {}
+    rows.sort(key=lambda row: (row["sweep"], _position(row, orders)))
     runs = pd.DataFrame(rows)
     for column in EXPECTED:  # present even when no run has a readable record
         if column not in runs:

@@ -195,13 +195,15 @@ def test_joblib_sweep_equals_sequential_sweep(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     sweep(tmp_path / "basic")
     sweep(tmp_path / "joblib", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
-    for job in ("0", "1"):
+    jobs = sorted(p.name for p in (tmp_path / "basic").glob("[!.]*") if p.is_dir())
+    assert [job[-7:] for job in jobs] == [",seed=0", ",seed=1"] and "threads" not in jobs[0]
+    for job in jobs:
         basic, joblib = (metrics_without_seconds(tmp_path / name / job / "metrics.csv")
                          for name in ("basic", "joblib"))
         assert len(basic) == 3  # header + 2 epochs
         assert joblib == basic
-    assert metrics_without_seconds(tmp_path / "joblib" / "0" / "metrics.csv") != \
-        metrics_without_seconds(tmp_path / "joblib" / "1" / "metrics.csv")  # the seeds differ
+    assert metrics_without_seconds(tmp_path / "joblib" / jobs[0] / "metrics.csv") != \
+        metrics_without_seconds(tmp_path / "joblib" / jobs[1] / "metrics.csv")  # the seeds differ
 
 
 def metrics_without_seconds(path: Path) -> list[list[str]]:

@@ -16,6 +16,7 @@ from torch import nn
 from ablate import fused
 from ablate.fused import Job, Stack, fusable, optimizer_acts_per_member, run_group
 from ablate.loop import _step_scheduler
+from ablate.record import RunRecord
 from ablate.train import build, run
 from conftest import CONF, REPO, TINY, compose_cfg, run_script
 
@@ -72,8 +73,9 @@ def alone_ce(tmp_path_factory):
 def test_each_fused_seed_matches_its_run_alone(case, tmp_path, alone_ce):
     alone = alone_ce if case == "ce-adam-cosine" else single_runs(tmp_path, CASES[case])
     jobs = fused_jobs(tmp_path, CASES[case])
-    records = run_group(jobs)
-    for seed, job, record in zip(SEEDS, jobs, records):
+    assert run_group(jobs) == ["completed"] * len(SEEDS)
+    for seed, job in zip(SEEDS, jobs):
+        record = RunRecord.load(job.run_dir)
         assert record.status == "completed" and record.seed == seed
         assert record.extra["fused_members"] == 2
         assert (job.run_dir / "best_model.pth").exists() and record.weights_file
@@ -95,9 +97,8 @@ def test_a_diverged_member_is_recorded_and_the_others_go_on(tmp_path, alone_ce, 
 
     monkeypatch.setattr(fused, "train_stack_epoch", poison_the_last_member)
     jobs = fused_jobs(tmp_path, CASES["ce-adam-cosine"], seeds=(0, 1, 7))
-    records = run_group(jobs)
-    assert [r.status for r in records] == ["completed", "completed", "diverged"]
-    assert records[2].error == "training loss became nan in epoch 1"
+    assert run_group(jobs) == ["completed", "completed", "diverged"]
+    assert RunRecord.load(jobs[2].run_dir).error == "training loss became nan in epoch 1"
     assert not (jobs[2].run_dir / "metrics.csv").exists()  # as alone: no finished epoch
     # Epoch 2 ran on a stack of two with the survivors' optimizer state carried over.
     for seed, job in zip(SEEDS, jobs):
@@ -169,31 +170,35 @@ def test_a_model_drawing_other_random_numbers_is_refused():
 # ----------------------------------------------------------------------------- the launcher
 
 def records(sweep_dir):
-    return {p.parent.name: json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/result.json"))}
+    """The sweep's records by seed (job folders are named by their overrides)."""
+    found = [json.loads(p.read_text()) for p in sweep_dir.glob("*/result.json")]
+    return {r["seed"]: r for r in found}
 
 
-def logged(proc, sweep_dir):
-    return proc.stdout + proc.stderr + "".join(p.read_text() for p in sweep_dir.glob("*/train.log"))
+def folder(sweep_dir, seed):
+    return next(p.parent for p in sweep_dir.glob("*/result.json")
+                if json.loads(p.read_text())["seed"] == seed)
 
 
 def test_fused_sweep_trains_only_the_unfinished_seeds_together(tmp_path):
     sweep = tmp_path / "sweep"
     common = [*LAUNCH, f"hydra.sweep.dir={sweep}"]
     run_script("ablate/train.py", "-m", "seed=0", *common)  # seed 0 done beforehand, unfused
-    done = (sweep / "0" / "metrics.csv").stat().st_mtime_ns
+    done = (folder(sweep, 0) / "metrics.csv").stat().st_mtime_ns
 
     proc = run_script("ablate/train.py", "-m", "hydra/launcher=fused", "seed=0,1,2", *common)
     recs = records(sweep)
-    assert sorted(recs) == ["0", "1", "2"]
-    assert [recs[k]["status"] for k in "012"] == ["completed"] * 3
-    assert [recs[k]["seed"] for k in "012"] == [0, 1, 2]
-    assert (sweep / "0" / "metrics.csv").stat().st_mtime_ns == done
-    assert "fused 2 seeds (1, 2)" in logged(proc, sweep)
-    for k in "12":
+    assert sorted(recs) == [0, 1, 2] and len(list(sweep.glob("*/result.json"))) == 3
+    assert [recs[k]["status"] for k in range(3)] == ["completed"] * 3
+    assert (folder(sweep, 0) / "metrics.csv").stat().st_mtime_ns == done
+    out = proc.stdout + proc.stderr
+    assert "fused 2 seeds (1, 2)" in out and "3 jobs: 1 skipped, 2 completed" in out
+    for k in (1, 2):
         assert recs[k]["extra"]["fused_members"] == 2
-        assert (sweep / k / ".hydra" / "overrides.yaml").read_text().startswith(f"- seed={k}")
-        assert (sweep / k / "best_model.pth").exists() and (sweep / k / "checkpoint.pt").exists()
-        assert "fused 2 seeds" in (sweep / k / "train.log").read_text()
+        run_dir = folder(sweep, k)
+        assert f"- seed={k}" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+        assert (run_dir / "best_model.pth").exists() and (run_dir / "metrics.csv").exists()
+        assert "fused 2 seeds" in (run_dir / "train.log").read_text()
 
 
 def test_a_group_that_cannot_fuse_runs_one_by_one(tmp_path):
@@ -218,23 +223,24 @@ def test_sigterm_mid_group_then_rerun_equals_an_uninterrupted_fused_run(tmp_path
                              f"hydra.sweep.dir={cut}"], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (cut / "0" / "checkpoint.pt").exists() and time.time() < deadline:
+    while not list(cut.glob("*/checkpoint.pt")) and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 143
     stopped = records(cut)
     assert {r["status"] for r in stopped.values()} == {"interrupted"}
-    assert stopped["0"]["epochs_run"] < 3
-    assert stopped["0"]["epochs_run"] == stopped["1"]["epochs_run"]  # one epoch for the group
+    assert stopped[0]["epochs_run"] < 3
+    assert stopped[0]["epochs_run"] == stopped[1]["epochs_run"]  # one epoch for the group
     # A member's checkpoint is a single run's: seed 1 can also finish alone from it.
-    shutil.copytree(cut / "1", tmp_path / "alone1")
+    shutil.copytree(folder(cut, 1), tmp_path / "alone1")
     alone = run(compose_cfg([*LAUNCH, "epochs=3", "seed=1"]), tmp_path / "alone1", {}, [])
     assert alone.status == "completed" and alone.epochs_run == 3
-    assert_close(metrics(tmp_path / "alone1"), metrics(whole / "1"))
+    assert_close(metrics(tmp_path / "alone1"), metrics(folder(whole, 1)))
 
     proc = run_script("ablate/train.py", *common, f"hydra.sweep.dir={cut}")
     assert "fused 2 seeds (0, 1)" in proc.stdout + proc.stderr  # resumed together
-    for k in "01":
+    for k in (0, 1):
         assert records(cut)[k]["status"] == "completed"
-        pd.testing.assert_frame_equal(metrics(whole / k).drop(columns="seconds"),
-                                      metrics(cut / k).drop(columns="seconds"), check_exact=True)
+        pd.testing.assert_frame_equal(metrics(folder(whole, k)).drop(columns="seconds"),
+                                      metrics(folder(cut, k)).drop(columns="seconds"),
+                                      check_exact=True)

@@ -3,6 +3,7 @@ reproduction report."""
 import json
 import re
 
+import pandas as pd
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -82,9 +83,23 @@ def test_every_table_is_one_command_with_seeds_ci_and_a_reproduction_report(tmp_
 
 
 def test_scale_shrinks_the_swa_window_with_the_epochs():
-    from ablate.train import apply_scale
-
     cfg = compose_cfg(["+experiment=swa", "scale=0.06"])
-    apply_scale(cfg)
-    assert (cfg.epochs, cfg.swa.start_epoch) == (3, 2)
+    assert (cfg.epochs, cfg.swa.start_epoch, cfg.swa.anneal_epochs) == (3, 2, 1)
     validate(cfg)
+
+
+def test_scale_reaches_every_epoch_valued_setting_through_the_config():
+    step = compose_cfg(["+experiment=optimizer_base", "scale=0.1"])  # +ablation=optimizer's rows
+    assert (step.epochs, step.sched.step_size) == (5, 2)
+    plateau = compose_cfg(["sched=plateau", "scale=0.1"])
+    assert (plateau.epochs, plateau.sched.patience, plateau.sched.cooldown) == (5, 1, 1)
+    assert compose_cfg(["scale=0.1"]).sched.T_max == 5
+    assert compose_cfg(["sched=step", "sched.step_size=7", "scale=0.1"]).sched.step_size == 7  # as typed
+
+
+def test_scaled_step_lr_decays_within_a_quick_look(tmp_path):
+    # a_ce_step: StepLR every 20 of 50 epochs; at scale 0.04 that is every epoch of 2.
+    cfg = compose_cfg(["+experiment=a_ce_step", *TINY[:3], "model.filters=[8,16,32]", "scale=0.04"])
+    run(cfg, tmp_path, choices={}, overrides=[])
+    lrs = pd.read_csv(tmp_path / "metrics.csv")["lr"].tolist()
+    assert lrs == pytest.approx([1e-3, 1e-4])

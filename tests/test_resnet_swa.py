@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 import ablate.loop
 from ablate.checkpoint import CHECKPOINT_FILE
 from ablate.data import batches
-from ablate.loop import SWA_WEIGHTS
+from ablate.loop import BEST_WEIGHTS, SWA_WEIGHTS
 from ablate.record import RunRecord
 from ablate.train import Interrupted, run
 from ablate.validation import ConfigError, validate
@@ -76,8 +76,9 @@ def test_swa_run_averages_refreshes_bn_and_records_both_accuracies(tmp_path):
 
     averaged = instantiate(cfg.model)
     averaged.load_state_dict(torch.load(tmp_path / SWA_WEIGHTS, weights_only=True))
-    final = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)["model"]
-    assert not torch.equal(averaged.features[0].weight, final["features.0.weight"])
+    # a completed run keeps no resume checkpoint; the best epoch's weights are one of the snapshots
+    snapshot = torch.load(tmp_path / BEST_WEIGHTS, weights_only=True)
+    assert not torch.equal(averaged.features[0].weight, snapshot["features.0.weight"])
     # update_bn ran: the first BN's running mean is the mean of its input over the training
     # set under the averaged weights (not the fresh model's zeros it was copied with)
     data = instantiate(cfg.data)

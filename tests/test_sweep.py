@@ -48,8 +48,9 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
     assert proc.returncode == 1  # the sweep finishes, then says a job failed
     assert "2 completed, 1 failed" in proc.stdout + proc.stderr
     recs = records(sweep)
-    assert [recs[k]["status"] for k in ("0", "1", "2")] == ["completed", "failed", "completed"]
-    assert "at most 5" in recs["1"]["error"]
+    assert sorted(r["status"] for r in recs.values()) == ["completed", "completed", "failed"]
+    failed = next(name for name, r in recs.items() if r["status"] == "failed")
+    assert "model.filters=[4,4,4,4,4,4]" in failed and "at most 5" in recs[failed]["error"]
     proc = run_script("analysis/make_tables.py", "--root", str(sweep), "--out", str(tmp_path / "t"))
     assert "1 failed" in proc.stdout and proc.stdout.count("completed") >= 2
 
@@ -78,10 +79,20 @@ def test_sigterm_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path):
     assert json.loads((cut / "result.json").read_text())["status"] == "completed"
 
 
-def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path):
-    sweep = tmp_path / "submitit"
-    run_script("ablate/train.py", "-m", "hydra/launcher=local", "loss=ce,focal", *TINY,
-               f"hydra.sweep.dir={sweep}")
+def test_adding_seeds_trains_only_the_new_ones_also_through_submitit(tmp_path):
+    sweep = tmp_path / "seeds"
+    tiny = ["data=synthetic", "data.train_size=200", "data.test_size=100", "epochs=1",
+            "model.filters=[8,16,32]"]
+    run_script("ablate/train.py", "-m", "seed=0,1", *tiny, f"hydra.sweep.dir={sweep}")
+    before = {p: p.read_bytes() for p in sweep.glob("*/*") if p.is_file() and p.name != "train.log"}
+    proc = run_script("ablate/train.py", "-m", "hydra/launcher=local", "seed=0,1,2", *tiny,
+                      f"hydra.sweep.dir={sweep}")
+    assert "3 jobs: 1 completed, 2 skipped" in proc.stdout + proc.stderr
+    assert {p: p.read_bytes() for p in before} == before  # seeds 0 and 1: only their logs grew
     recs = records(sweep)
-    assert sorted(recs) == ["0", "1"] and all(r["status"] == "completed" for r in recs.values())
-    assert (sweep / "0" / ".hydra" / "config.yaml").exists()
+    assert sorted(recs) == [  # the overrides, sorted by key
+        f"data=synthetic,data.test_size=100,data.train_size=200,epochs=1,model.filters=[8,16,32],seed={s}"
+        for s in range(3)]
+    assert {r["seed"] for r in recs.values()} == {0, 1, 2}
+    assert all(r["status"] == "completed" for r in recs.values())
+    assert all((sweep / name / ".hydra" / "config.yaml").exists() for name in recs)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from ablate.folder import FolderRefused, accept
 from ablate.record import RunRecord
 from ablate.train import run
 from conftest import TINY, compose_cfg
@@ -78,9 +79,8 @@ def test_completed_run_is_skipped_when_run_again(tmp_path):
     assert (run_dir / "metrics.csv").stat().st_mtime_ns == mtime
 
 
-def test_rerun_of_a_different_config_in_the_same_folder_is_refused(tmp_path):
-    from ablate.validation import ConfigError
-
+def test_a_folder_accepts_its_own_config_and_refuses_another(tmp_path):
     _, run_dir = train(tmp_path, "same")
-    with pytest.raises(ConfigError, match="different config"):
-        run(compose_cfg([*TINY, "optim.lr=0.5"]), run_dir, choices={}, overrides=[])
+    accept(run_dir, compose_cfg([*TINY, "threads=1", "device=cpu"]))  # operational keys: same run
+    with pytest.raises(FolderRefused, match=r"checkpoint.pt was made by config \w+"):
+        accept(run_dir, compose_cfg([*TINY, "optim.lr=0.5"]))  # no .hydra/ here to say which key

@@ -4,12 +4,13 @@
 
 Jobs whose configs differ only in `seed` form a group; a group that `ablate.fused.fusable`
 accepts trains as one stack, everything else runs one job after another exactly as with
-Hydra's basic launcher. Every job of a group still goes through Hydra's `run_job`, so it
-gets its own run folder, `.hydra/` and log file as if it had run alone; only the training
-itself is shared.
+Hydra's basic launcher. Every job of a group still goes through Hydra's `run_job` and gets
+its own run folder, lock, `.hydra/`, log file and record as if it had run alone (what
+train.main does for one job, ablate/folder.py); only the training itself is shared.
 """
 # No `from __future__ import annotations`: Hydra executes plugin modules outside sys.modules,
 # where dataclasses cannot resolve string annotations.
+import contextlib
 import copy
 import json
 import logging
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from hydra._internal.callbacks import Callbacks
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
@@ -121,61 +123,67 @@ class FusedLauncher(Launcher):
         return ret
 
     def _run_fused(self, sweep_configs: list[DictConfig]) -> list[JobReturn]:
-        """Set every job up through run_job (folder, .hydra/, log), then train them as one stack."""
+        """Set every job up through run_job (its folder and Hydra's runtime config), then hold and
+        accept each job's folder as train.main does, and train the accepted jobs as one stack."""
+        from ablate.callbacks import JobOutcome
+        from ablate.folder import FolderRefused, accept, locked, logging_to, write_hydra
         from ablate.fused import Job, run_group
-        from ablate.train import Interrupted, _raise_interrupted
+        from ablate.train import Interrupted, _raise_interrupted, read_record
 
-        jobs: list[Job] = []
-        log_files: list[str] = []
+        entries = []  # (job, Hydra's config of the job, its task overrides, job name)
 
-        def enlist(cfg: DictConfig) -> None:  # the task function of the set-up pass
+        def enlist(cfg: DictConfig) -> JobOutcome:  # the task function of the set-up pass
             hc = HydraConfig.get()
             choices = {k: v for k, v in OmegaConf.to_container(hc.runtime.choices).items()
                        if not k.startswith("hydra") and v is not None}
-            jobs.append(Job(cfg, Path(hc.runtime.output_dir), choices, list(hc.overrides.task),
-                            hc.job.num))
-            log_files.extend(h.baseFilename for h in logging.getLogger().handlers
-                             if isinstance(h, logging.FileHandler))
+            job = Job(cfg, Path(hc.runtime.output_dir), choices, list(hc.overrides.task),
+                      hc.job.num)
+            entries.append((job, copy.deepcopy(HydraConfig.instance().cfg), hc.overrides.task,
+                            hc.job.name))
+            return JobOutcome("running")  # replaced once the group has trained
 
-        returns = [run_job(hydra_context=self.hydra_context, task_function=enlist, config=c,
+        # The set-up pass tells no callback: they hear of each job around the training below.
+        quiet = HydraContext(config_loader=self.hydra_context.config_loader, callbacks=Callbacks())
+        returns = [run_job(hydra_context=quiet, task_function=enlist, config=c,
                            job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
                    for c in sweep_configs]
-        added = self._log_to_every_job(log_files)
+        callbacks = self.hydra_context.callbacks
+        for c in sweep_configs:
+            callbacks.on_job_start(config=c, task_function=self.task_function)
+        outcomes: list[JobOutcome | None] = [None] * len(entries)
         handlers = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            records = run_group(jobs)
+            with contextlib.ExitStack() as held:  # every folder is held until the group is done
+                accepted = []
+                for k, (job, hydra_cfg, overrides, name) in enumerate(entries):
+                    try:
+                        held.enter_context(locked(job.run_dir))
+                        accept(job.run_dir, job.cfg)
+                    except FolderRefused as err:
+                        log.error("refused: %s", err)
+                        outcomes[k] = JobOutcome("refused", str(err))
+                        continue
+                    write_hydra(job.run_dir, job.cfg, hydra_cfg, overrides)
+                    held.enter_context(logging_to(job.run_dir / f"{name}.log"))  # the group's lines
+                    accepted.append(k)
+                statuses = run_group([entries[k][0] for k in accepted])
+            for k, status in zip(accepted, statuses):
+                record = read_record(entries[k][0].run_dir)
+                outcomes[k] = JobOutcome(status, (record.error or "") if record else "",
+                                         record.final_test_acc if record else None)
         except Interrupted as err:
             log.error("interrupted by %s; each job's last finished epoch is saved: run the same "
                       "command again to resume", err)
             sys.exit(130 if str(err) == "SIGINT" else 143)
-        except Exception:  # the records say failed; the sweep's other jobs go on
-            log.exception("fused jobs in %s failed; continuing with the sweep",
-                          ", ".join(str(j.run_dir) for j in jobs))
-            records = [None] * len(jobs)
+        except Exception as err:  # the records say failed; the sweep's other jobs go on
+            log.exception("fused jobs failed; continuing with the sweep")
+            outcomes = [o or JobOutcome("failed", f"{type(err).__name__}: {err}") for o in outcomes]
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
-            for handler in added:
-                logging.getLogger().removeHandler(handler)
-                handler.close()
-        for ret, record in zip(returns, records):
-            ret.return_value = record.final_test_acc if record is not None else None
+        for ret, outcome, c in zip(returns, outcomes, sweep_configs):
+            ret.return_value = outcome
+            HydraConfig.instance().set_config(c)
+            callbacks.on_job_end(config=c, job_return=ret)
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return returns
-
-    @staticmethod
-    def _log_to_every_job(paths: list[str]) -> list[logging.Handler]:
-        """run_job left the root logger writing to the last job's log; the group's lines go to all."""
-        root = logging.getLogger()
-        have = {h.baseFilename for h in root.handlers if isinstance(h, logging.FileHandler)}
-        template = next((h for h in root.handlers if isinstance(h, logging.FileHandler)), None)
-        added = []
-        for path in dict.fromkeys(paths):
-            if path not in have:
-                handler = logging.FileHandler(path)
-                if template is not None:
-                    handler.setFormatter(template.formatter)
-                    handler.setLevel(template.level)
-                root.addHandler(handler)
-                added.append(handler)
-        return added
