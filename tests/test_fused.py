@@ -192,7 +192,7 @@ def test_fused_sweep_trains_only_the_unfinished_seeds_together(tmp_path):
     assert [recs[k]["status"] for k in range(3)] == ["completed"] * 3
     assert (folder(sweep, 0) / "metrics.csv").stat().st_mtime_ns == done
     out = proc.stdout + proc.stderr
-    assert "fused 2 seeds (1, 2)" in out and "3 jobs: 1 skipped, 2 completed" in out
+    assert "fused 2 seeds (1, 2)" in out and "3 jobs: 2 completed, 1 skipped" in out
     for k in (1, 2):
         assert recs[k]["extra"]["fused_members"] == 2
         run_dir = folder(sweep, k)
