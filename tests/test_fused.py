@@ -29,9 +29,9 @@ SEEDS = (0, 1)
 SMALL = [*TINY, "data.train_size=256"]  # 4 steps an epoch
 LAUNCH = [*TINY, "data.train_size=128", "data.test_size=100"]  # the launcher's tests: 2 steps
 # fp32 on CPU: a stacked model runs grouped convolutions and batched matmuls, whose sums round
-# differently from one model's (~1e-7 per op); two epochs of training grow that to ~1e-4 in the
-# losses and now and then one test image (0.5%) changing class.
-LOSS_TOL, ACC_TOL = 2e-3, 0.015
+# differently from one model's (~1e-7 per op); two epochs of training grow that to 1e-5..2e-3 in
+# the losses and now and then a test image or two (0.5% each) changing class.
+LOSS_TOL, ACC_TOL = 5e-3, 0.02
 COMPARED = ["train_loss", "test_loss", "train_acc", "test_acc"]
 
 
