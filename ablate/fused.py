@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
