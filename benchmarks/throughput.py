@@ -1,7 +1,8 @@
-"""Training throughput: the plain PyTorch pipeline vs this project's loop, and N runs at once.
+"""Training throughput: the plain PyTorch pipeline vs this project's loop, N runs at once, N fused seeds.
 
     python benchmarks/throughput.py --device cuda                      # seed CNN, 50k synthetic images
     python benchmarks/throughput.py --device cpu --images 3000 --filters 16,32,64
+    python benchmarks/throughput.py --device cuda --no-plain --concurrency '' --fused 1,2,4,8
 
 Prints markdown tables (and writes --json). Imports no Hydra, so it runs on a machine that has
 only torch and torchvision. Each measurement times whole epochs after untimed warm-up epochs
@@ -27,6 +28,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from ablate.data import ImageData, load_cifar10, make_synthetic  # noqa: E402
+from ablate.fused import Stack, train_stack_epoch  # noqa: E402
 from ablate.loop import evaluate, pick_precision, train_one_epoch  # noqa: E402
 from ablate.models import CNN, ResNet  # noqa: E402
 from benchmarks import plain  # noqa: E402
@@ -46,6 +48,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", default="auto", help="the project loop's precision (auto|bf16|fp16|fp32)")
     p.add_argument("--compile", action="store_true", help="also measure the project loop with torch.compile")
     p.add_argument("--concurrency", default="1,2,4,8", help="numbers of simultaneous runs ('' skips)")
+    p.add_argument("--fused", default="1,2,4,8",
+                   help="numbers of seeds trained as one stacked model, ablate/fused.py ('' skips)")
+    p.add_argument("--no-plain", action="store_true",
+                   help="skip the plain PyTorch pipeline (the project loop is always measured)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per training process (default: torch's own for the "
                         "pipelines, cores / runs for concurrent runs)")
@@ -64,9 +70,9 @@ def load_data(args) -> ImageData:
     return make_synthetic(train_size=args.images, test_size=1000, seed=args.seed)
 
 
-def build_model(args) -> nn.Module:
+def build_model(args, seed: int | None = None) -> nn.Module:
     """The seed CNN as conf/model/cnn.yaml builds it, or the CIFAR ResNet-18 (ReLU)."""
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed if seed is None else seed)
     if args.model == "cnn":
         activation = functools.partial(nn.LeakyReLU, negative_slope=0.1)
         return CNN(activation, filters=[int(f) for f in args.filters.split(",")])
@@ -194,6 +200,35 @@ def measure_concurrent(args, n: int) -> dict:
             "mean_run_images_per_s": sum(per_run) / n}
 
 
+# ----------------------------------------------------------------------------- fused seeds
+
+def measure_fused(args, data: ImageData, device: torch.device, n: int) -> dict:
+    """n seeds as one stacked model (what hydra/launcher=fused trains): all members' images/s.
+
+    Each member has its own data order, augmentation and dropout stream, as in a sweep; the
+    same Adam, loss and precision as the project loop (but not channels_last).
+    """
+    data = data.to(device)
+    precision = pick_precision(args.precision, device)
+    seeds = [args.seed + k for k in range(n)]
+    stack = Stack([build_model(args, seed).to(device) for seed in seeds], nn.CrossEntropyLoss())
+    optimizer = torch.optim.Adam(list(stack.params.values()), lr=1e-3, weight_decay=1e-4)
+    generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+    rngs = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+
+    def one_epoch() -> int:
+        return n * train_stack_epoch(stack, optimizer, data.train_x, data.train_y,
+                                     batch_size=args.batch_size, generators=generators,
+                                     rngs=rngs, precision=precision)["images"]
+
+    result = timed_epochs(one_epoch, args, device)
+    test_acc = sum(r["acc"] for r in stack.evaluate(data.test_x, data.test_y,
+                                                    precision=precision)) / n
+    return {"members": n, "aggregate_images_per_s": result["images_per_s"],
+            "s_per_epoch": result["s_per_epoch"], "warmup_s": result["warmup_s"],
+            "mean_test_acc": test_acc}
+
+
 # ----------------------------------------------------------------------------- report
 
 def markdown(rows: list[dict], columns: dict[str, str]) -> str:
@@ -224,7 +259,8 @@ def main(argv=None) -> None:
           f"{args.batch_size}, {len(data.train_y)} {data.source} training images, {args.warmup} "
           f"warm-up + {args.epochs} timed epochs, {torch.get_num_threads()} CPU threads\n")
 
-    pipelines = [measure_plain(args, data, device), measure_project(args, data, device)]
+    pipelines = [] if args.no_plain else [measure_plain(args, data, device)]
+    pipelines.append(measure_project(args, data, device))
     if args.compile:
         pipelines.append(measure_project(args, data, device, compile=True))
     for row in pipelines:
@@ -233,7 +269,23 @@ def main(argv=None) -> None:
     print(markdown(pipelines, {"pipeline": "pipeline", "images_per_s": "images/s",
                                "s_per_epoch": f"s/epoch ({pipelines[0]['images_per_epoch']} images)",
                                "s_per_50k": "s per 50k images", "warmup_s": "warm-up s",
-                               "test_acc": "test acc", "speedup": "× plain"}))
+                               "test_acc": "test acc",
+                               "speedup": "× eager" if args.no_plain else "× plain"}))
+
+    alone = pipelines[-1 if not args.compile else -2]  # the project loop, eager
+    fused = []
+    for n in [int(c) for c in args.fused.split(",") if c.strip()]:
+        fused.append(measure_fused(args, data, device, n))
+        # n separate runs one after another train at one run's rate, whatever n is
+        fused[-1]["vs_separate"] = fused[-1]["aggregate_images_per_s"] / alone["images_per_s"]
+    if fused:
+        print(f"\nfused seeds on {device} (one stacked model of N members, ablate/fused.py; "
+              f"aggregate = all members' images / time; N separate runs one after another "
+              f"train at {alone['images_per_s']:,.0f} images/s, the project loop's rate):\n")
+        print(markdown(fused, {"members": "members", "aggregate_images_per_s": "aggregate images/s",
+                               "s_per_epoch": "s per epoch (all members)",
+                               "warmup_s": "warm-up s", "mean_test_acc": "mean test acc",
+                               "vs_separate": "× N separate runs"}))
 
     concurrent = []
     for n in [int(c) for c in args.concurrency.split(",") if c.strip()]:
@@ -249,7 +301,8 @@ def main(argv=None) -> None:
                                     "speedup": f"× {concurrent[0]['runs']} run(s)"}))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(device), "args": vars(args),
-                                               "pipelines": pipelines, "concurrent": concurrent},
+                                               "pipelines": pipelines, "concurrent": concurrent,
+                                               "fused": fused},
                                               indent=2) + "\n")
 
 

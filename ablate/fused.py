@@ -1,0 +1,615 @@
+"""Fused seeds: N runs of one configuration, differing only in `seed`, trained as one stacked model.
+
+The members' parameters and buffers are stacked along a new leading dimension (N, ...) and
+`vmap` runs one template module over it with `functional_call`: the convolutions become one
+grouped convolution, the linear layers one batched matmul, so N small models cost about one
+launch of each kernel. What makes a run *that* run stays per member: its initialisation (built
+with its seed as `train.run` builds it), data order and augmentation (its own generator, as
+`loop.fit` seeds it), dropout masks (drawn from its own stream, bit for bit the single run's on
+CPU), BatchNorm statistics (stacked buffers), L1 term, gradient norm clipping, divergence
+check and best epoch. One optimizer over the stacked tensors acts element-wise, so it equals N
+optimizers; `fusable` checks that for the configured optimizer and refuses what cannot be fused.
+
+Every member checkpoints into its own run folder in `ablate.checkpoint`'s format, so a member
+resumes fused or alone, and a run begun alone resumes in a group.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from ablate.checkpoint import (CHECKPOINT_FILE, atomic_torch_save, link_seed_name, load_checkpoint,
+                               save_finished)
+from ablate.data import batches
+from ablate.loop import (BEST_WEIGHTS, STEPS_FILE, Diverged, FitState, Precision, append_steps,
+                         pick_precision, summarize)
+from ablate.record import RunRecord, identity, write_metrics
+
+log = logging.getLogger("ablate")
+
+# ----------------------------------------------------------------------------- the stack
+
+
+class MemberDropout(nn.Module):
+    """nn.Dropout whose masks come from outside vmap, drawn from each member's own stream."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.masks: list[torch.Tensor] = []  # one per call of this module in the coming forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:  # as F.dropout: no random draw at all
+            return x
+        return x * self.masks.pop(0)
+
+
+def draw_mask(shape: torch.Size, p: float, generator: torch.Generator) -> torch.Tensor:
+    """The scaled keep-mask F.dropout draws on CPU (bernoulli(1 - p) / (1 - p)), from `generator`."""
+    mask = torch.empty(shape, device=generator.device).bernoulli_(1 - p, generator=generator)
+    return mask.div_(1 - p)
+
+
+class Stack:
+    """N members of one architecture: parameters and buffers stacked on dim 0, one template module."""
+
+    def __init__(self, models: list[nn.Module], loss_fn: nn.Module, l1_lambda: float = 0.0):
+        # Leaves of shape (N, ...); a plain optimizer steps them, autograd fills their .grad.
+        self.params, self.buffers = stack_module_state(models)
+        self.template = copy.deepcopy(models[0]).to("meta")  # holds no numbers, only the code
+        for name, module in list(self.template.named_modules()):
+            if type(module) is nn.Dropout:  # other random modules make vmap raise (see fusable)
+                parent, _, child = name.rpartition(".")
+                setattr(self.template.get_submodule(parent), child, MemberDropout(module.p))
+        self.loss_fn, self.l1_lambda = loss_fn, l1_lambda
+        self._dropout_calls: dict[torch.Size, list[tuple[MemberDropout, torch.Size]]] = {}
+
+    @property
+    def size(self) -> int:
+        return len(next(iter(self.params.values())))
+
+    def dropout_calls(self, input_shape: torch.Size) -> list[tuple[MemberDropout, torch.Size]]:
+        """The active dropout modules in the order one member's forward calls them, with input shapes."""
+        if input_shape not in self._dropout_calls:
+            calls = []
+            hooks = [m.register_forward_pre_hook(lambda mod, args: calls.append((mod, args[0].shape)))
+                     for m in self.template.modules() if isinstance(m, MemberDropout) and m.p > 0]
+            with torch.no_grad():  # a shape-only pass on the meta device, in eval mode
+                training = self.template.training
+                self.template.eval()(torch.empty(input_shape, device="meta"))
+                self.template.train(training)
+            for h in hooks:
+                h.remove()
+            self._dropout_calls[input_shape] = calls
+        return self._dropout_calls[input_shape]
+
+    def _member_forward(self, params, buffers, inputs, targets, masks):
+        # One member's view: params/buffers without the N dimension, inputs (B, 3, 32, 32).
+        for (module, _), mask in zip(self._calls, masks):
+            module.masks.append(mask)
+        logits = functional_call(self.template, (params, buffers), (inputs,))
+        loss = self.loss_fn(logits.float(), targets)
+        objective = loss
+        if self.l1_lambda:  # the same sum as loop.l1_penalty, over this member's own weights
+            objective = loss + self.l1_lambda * sum(p.abs().sum() for p in params.values())
+        return objective, loss, logits
+
+    def train_forward(self, inputs: torch.Tensor, targets: torch.Tensor,
+                      rngs: list[torch.Generator]):
+        """(N, B, 3, 32, 32), (N, B) -> objective (N,), data loss (N,), logits (N, B, classes)."""
+        self.template.train()
+        self._calls = self.dropout_calls(inputs.shape[1:])
+        for module, _ in self._calls:
+            module.masks.clear()  # nothing left over from a forward that raised
+        # Member m draws its masks from its own stream in its single run's order (call by call).
+        masks = [torch.stack([draw_mask(shape, module.p, rng) for rng in rngs])
+                 for module, shape in self._calls]
+        # randomness="error": every random number must come from a member's own stream (above),
+        # never from inside the vmapped function; a model drawing others is refused by fusable.
+        return vmap(self._member_forward, randomness="error")(
+            self.params, self.buffers, inputs, targets, masks)
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1024,
+                 precision: Precision = Precision()) -> list[dict[str, float]]:
+        """loop.evaluate for every member: the same images through each, in eval mode."""
+        self.template.eval()
+
+        def member(params, buffers, inputs, targets):
+            logits = functional_call(self.template, (params, buffers), (inputs,))
+            return self.loss_fn(logits.float(), targets), logits
+
+        total_loss = torch.zeros(self.size, device=x.device)
+        correct = torch.zeros(self.size, device=x.device, dtype=torch.long)
+        for inputs, targets in batches(x, y, batch_size):
+            with precision.autocast(x.device):
+                loss, logits = vmap(member, in_dims=(0, 0, None, None), randomness="error")(
+                    self.params, self.buffers, inputs, targets)
+            total_loss += loss * len(targets)
+            correct += (logits.argmax(-1) == targets).sum(1)
+        return [{"loss": loss / len(y), "acc": acc / len(y)}
+                for loss, acc in zip(total_loss.tolist(), correct.tolist())]
+
+    def state_dict(self, m: int) -> dict[str, torch.Tensor]:
+        """Member m's weights as its own model's state_dict (copies: a view would save all N)."""
+        stacked = {**self.params, **self.buffers}
+        return {k: stacked[k][m].detach().clone() for k in self.template.state_dict()}
+
+    def keep(self, members: list[int]) -> None:
+        """Drop every member not listed; the stacked tensors become new leaves."""
+        index = torch.tensor(members, device=next(iter(self.params.values())).device)
+        self.params = {k: v.detach()[index].requires_grad_(v.requires_grad)
+                       for k, v in self.params.items()}
+        self.buffers = {k: v[index] for k, v in self.buffers.items()}
+
+
+# ----------------------------------------------------------------------------- optimizer state
+
+def _is_stacked(value, param: torch.Tensor) -> bool:
+    return torch.is_tensor(value) and value.shape == param.shape and value.dim() > 0
+
+
+def member_optimizer_state(state: dict, params: list[torch.Tensor], m: int) -> dict:
+    """Member m's slice of a stacked optimizer's state_dict: what its own optimizer would hold."""
+    per_param = {i: {k: v[m].clone() if _is_stacked(v, params[i]) else copy.deepcopy(v)
+                     for k, v in s.items()} for i, s in state["state"].items()}
+    return {"state": per_param, "param_groups": copy.deepcopy(state["param_groups"])}
+
+
+def stack_optimizer_states(states: list[dict], params: list[torch.Tensor]) -> dict:
+    """The inverse of member_optimizer_state: N members' optimizer states as one over the stack."""
+    merged = {}
+    for i in states[0]["state"]:
+        merged[i] = {k: torch.stack([s["state"][i][k] for s in states])
+                     if _is_stacked(v, params[i][0]) else v
+                     for k, v in states[0]["state"][i].items()}
+    return {"state": merged, "param_groups": states[0]["param_groups"]}
+
+
+def select_optimizer_state(state: dict, params: list[torch.Tensor], members: list[int]) -> dict:
+    """A stacked optimizer's state_dict restricted to some members."""
+    index = torch.tensor(members)
+    per_param = {i: {k: v[index.to(v.device)] if _is_stacked(v, params[i]) else v
+                     for k, v in s.items()} for i, s in state["state"].items()}
+    return {"state": per_param, "param_groups": state["param_groups"]}
+
+
+def clip_per_member(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """nn.utils.clip_grad_norm_ for each member's slice of the stacked gradients; returns the norms."""
+    grads = [p.grad for p in params if p.grad is not None]
+    # per parameter and member, then over each member's parameters: (P, N) -> (N,)
+    norms = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads]), dim=0)
+    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s formula
+    for g in grads:
+        g.mul_(coef.view(-1, *[1] * (g.dim() - 1)))
+    return norms
+
+
+# ----------------------------------------------------------------------------- one epoch
+
+def stacked_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                    generators: list[torch.Generator]):
+    """Each member's own shuffled, augmented batches, exactly as `fit` draws them, stacked on dim 0."""
+    for pairs in zip(*(batches(x, y, batch_size, generator=g, augment=True) for g in generators)):
+        inputs, targets = zip(*pairs)
+        yield torch.stack(inputs), torch.stack(targets)
+
+
+def train_stack_epoch(stack: Stack, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                      y: torch.Tensor, *, batch_size: int, generators: list[torch.Generator],
+                      rngs: list[torch.Generator], grad_clip: float | None = None,
+                      precision: Precision = Precision(),
+                      step_losses: list | None = None) -> dict:
+    """loop.train_one_epoch for every member at once; per-member mean data loss and accuracy."""
+    device = x.device
+    total_loss = torch.zeros(stack.size, device=device)
+    correct = torch.zeros(stack.size, device=device, dtype=torch.long)
+    seen = 0
+    params = list(stack.params.values())
+    for inputs, targets in stacked_batches(x, y, batch_size, generators):
+        with precision.autocast(device):
+            objective, loss, logits = stack.train_forward(inputs, targets, rngs)
+        optimizer.zero_grad(set_to_none=True)
+        # Members share no weights, so the gradient of the sum is each member's own gradient.
+        objective.sum().backward()
+        if grad_clip:
+            clip_per_member(params, grad_clip)
+        optimizer.step()
+        total_loss += loss.detach() * targets.shape[1]
+        correct += (logits.argmax(-1) == targets).sum(1)
+        seen += targets.shape[1]
+        if step_losses is not None:
+            step_losses.append(loss.detach())
+    return {"loss": (total_loss / seen).tolist(), "acc": (correct / seen).tolist(), "images": seen}
+
+
+# ----------------------------------------------------------------------------- what can be fused
+
+def optimizer_acts_per_member(make_optimizer) -> bool:
+    """Whether one optimizer over stacked tensors equals one optimizer per member.
+
+    Three steps on small tensors, with gradients of very different scale per member: an
+    element-wise rule (Adam, SGD, sign-SGD) gives the same numbers; a rule with per-tensor
+    statistics (Adafactor's factored moments, LARS's trust ratio) does not.
+    """
+    g = torch.Generator().manual_seed(0)
+    shapes = [(4, 3), (3,)]
+    alone = [[torch.randn(s, generator=g).requires_grad_() for s in shapes] for _ in range(2)]
+    stacked = [torch.stack([ps[i].detach() for ps in alone]).requires_grad_()
+               for i in range(len(shapes))]
+    try:
+        optimizers = [make_optimizer(ps) for ps in alone]
+        fused = make_optimizer(stacked)
+        for _ in range(3):
+            grads = [[torch.randn(s, generator=g) * scale for s in shapes] for scale in (0.01, 10.0)]
+            for ps, gs, opt in zip(alone, grads, optimizers):
+                for p, grad in zip(ps, gs):
+                    p.grad = grad.clone()
+                opt.step()
+            for i, p in enumerate(stacked):
+                p.grad = torch.stack([gs[i] for gs in grads])
+            fused.step()
+    except Exception as err:  # e.g. an optimizer that needs a closure
+        log.debug("optimizer check failed: %s", err)
+        return False
+    return all(torch.allclose(stacked[i][m], alone[m][i], rtol=1e-5, atol=1e-7)
+               for m in range(2) for i in range(len(shapes)))
+
+
+def fusable(cfg: DictConfig) -> str | None:
+    """Why jobs of this config cannot train as one stack (None when they can)."""
+    from ablate.train import build, pick_device  # train imports the loop; keep this module light
+
+    if cfg.get("swa") and cfg.swa.get("start_epoch") is not None:
+        return "SWA averages and re-normalises one model"
+    if cfg.get("probe"):
+        return "the probe perturbs one model's weights"
+    if cfg.get("compile"):
+        return "compile=true"
+    try:
+        precision = pick_precision(cfg.precision, pick_device(cfg.device))
+    except Exception as err:  # let the single run report it
+        return f"{type(err).__name__}: {err}"
+    if precision.scaler is not None:
+        return "fp16 loss scaling skips every member's step when one member overflows"
+    try:
+        if not optimizer_acts_per_member(lambda ps: build(cfg, "optim", ps)):
+            return f"{cfg.optim._target_} over stacked tensors differs from one per member"
+        probe = torch.zeros(1, requires_grad=True)
+        scheduler = build(cfg, "sched", build(cfg, "optim", [probe]))
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            return "the plateau scheduler follows each member's own loss"
+        # Two members through one forward: vmap raises on any random op but nn.Dropout.
+        models = [build(cfg, "model") for _ in range(2)]
+        stack = Stack(models, build(cfg, "loss"))
+        rngs = [torch.Generator().manual_seed(i) for i in range(2)]
+        stack.train_forward(torch.zeros(2, 2, 3, 32, 32), torch.zeros(2, 2, dtype=torch.long), rngs)
+    except Exception as err:
+        return f"{type(err).__name__}: {err}".splitlines()[0]
+    return None
+
+
+# ----------------------------------------------------------------------------- a group of runs
+
+@dataclass
+class Job:
+    """One sweep job: its composed config (without `hydra`) and the run folder Hydra made for it."""
+
+    cfg: DictConfig
+    run_dir: Path
+    choices: dict = field(default_factory=dict)
+    overrides: list = field(default_factory=list)
+    job_num: int | None = None
+
+
+@dataclass
+class Member:
+    """A job inside the stack: its record and what `fit` would hold for it alone."""
+
+    job: Job
+    record: RunRecord
+    generator: torch.Generator  # data order and augmentation
+    rng: torch.Generator        # dropout: the stream a single run's global generator would be
+    state: FitState = field(default_factory=FitState)
+    best: float = -1.0
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGTERM/SIGINT while the members' epoch goes to disk: all checkpoints stay at one epoch.
+
+    Held in Python rather than with pthread_sigmask, which covers one thread only: the kernel
+    may hand the signal to one of torch's worker threads, and Python still runs its handler.
+    """
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
+                for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:  # deliver it now, to whoever handled it before
+            os.kill(os.getpid(), caught[0])
+
+
+def save_member_checkpoint(member: Member, stack: Stack, m: int, optimizer, scheduler,
+                           device: torch.device) -> None:
+    """The keys of ablate.checkpoint.save_checkpoint, with the member's own streams."""
+    params = list(stack.params.values())
+    atomic_torch_save({
+        "identity": member.record.config_hash,  # a run of another config never resumes it
+        "state": asdict(member.state),
+        "model": stack.state_dict(m),
+        "optimizer": member_optimizer_state(optimizer.state_dict(), params, m),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "generator": member.generator.get_state(),
+        "rng_cpu": member.rng.get_state() if device.type == "cpu" else torch.get_rng_state(),
+        "rng_cuda": member.rng.get_state() if device.type == "cuda" else None,
+        "swa": None,
+        "scaler": None,
+    }, member.job.run_dir / CHECKPOINT_FILE)
+
+
+def run_group(jobs: list[Job]) -> list[str]:
+    """Train jobs whose configs differ only in `seed`; each ends as if it had run alone.
+
+    Completed jobs are skipped; unfinished ones resume from their checkpoints, and those at
+    the same epoch train together (a job alone at its epoch runs through train.run). The
+    folders must be accepted and held (ablate.folder), as for train.run. Returns each job's
+    outcome: skipped, completed, diverged or failed.
+    """
+    from ablate.train import Interrupted, _record_failure, finished_record, run
+    from ablate.validation import ConfigError, validate
+
+    outcomes = ["failed"] * len(jobs)
+    waiting: dict[int, list[tuple[int, dict | None]]] = {}  # epoch -> (job, checkpoint) there
+    for i, job in enumerate(jobs):
+        try:
+            validate(job.cfg)
+            done = finished_record(job.run_dir)
+        except ConfigError as err:
+            log.error("%s: %s", job.run_dir, err)
+            _record_failure(job.run_dir, job.choices, job.overrides, err)
+            continue
+        if done is not None:
+            log.info("%s is already completed (test acc %.4f); skipping", job.run_dir,
+                     done.final_test_acc)
+            outcomes[i] = "skipped"
+            continue
+        ckpt = load_checkpoint(job.run_dir)
+        waiting.setdefault(ckpt["state"]["epoch"] if ckpt else 0, []).append((i, ckpt))
+    for epoch, group in sorted(waiting.items()):
+        try:
+            if len(group) == 1:
+                job = jobs[group[0][0]]
+                log.info("%s: alone at epoch %d; training it unfused", job.run_dir, epoch)
+                records = [run(job.cfg, job.run_dir, job.choices, job.overrides, job_num=job.job_num)]
+            else:
+                records = train_stack([jobs[i] for i, _ in group], [ckpt for _, ckpt in group])
+        except Interrupted:
+            raise
+        except Exception as err:  # the records say failed; the group's other jobs go on
+            log.exception("training %s failed", ", ".join(str(jobs[i].run_dir) for i, _ in group))
+            for i, _ in group:
+                _record_failure(jobs[i].run_dir, jobs[i].choices, jobs[i].overrides, err)
+            continue
+        for (i, _), record in zip(group, records):
+            outcomes[i] = record.status
+    return outcomes
+
+
+def train_stack(jobs: list[Job], ckpts: list[dict | None]) -> list[RunRecord]:
+    """Build N members from their configs, fit them as one stack, write N records."""
+    from ablate.train import Interrupted, build, git_commit, pick_device, read_record
+
+    cfg = jobs[0].cfg
+    device = pick_device(cfg.device, jobs[0].job_num)
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes, as in train.run
+        if device.index is not None:
+            torch.cuda.set_device(device)
+    records = []
+    for job in jobs:
+        previous = read_record(job.run_dir)
+        records.append(RunRecord(choices=job.choices, overrides=job.overrides, seed=job.cfg.seed,
+                                 epochs=cfg.epochs, device=str(device),
+                                 torch_version=str(torch.__version__), git_commit=git_commit(),
+                                 threads=torch.get_num_threads(),
+                                 config_hash=identity(OmegaConf.to_container(job.cfg, resolve=True)),
+                                 wall_seconds=previous.wall_seconds if previous else 0.0))
+    start = time.perf_counter()
+    try:
+        data = build(cfg, "data").to(device)  # the same images for every seed (fixed split seed)
+        models, members = [], []
+        for job, record, ckpt in zip(jobs, records, ckpts):
+            torch.manual_seed(job.cfg.seed)  # as train.run: the model's init comes from the seed
+            model = build(job.cfg, "model")
+            rng = torch.Generator(device=device)
+            if device.type == "cpu":  # dropout then continues the seed's stream, as alone
+                rng.set_state(torch.get_rng_state())
+            else:
+                rng.manual_seed(job.cfg.seed)
+            member = Member(job, record, torch.Generator(device=device).manual_seed(job.cfg.seed), rng)
+            if ckpt is not None:
+                model.load_state_dict(ckpt["model"])
+                member.state = FitState(**ckpt["state"])
+                member.generator.set_state(ckpt["generator"])
+                saved_rng = ckpt["rng_cpu"] if device.type == "cpu" else ckpt.get("rng_cuda")
+                if saved_rng is not None:
+                    member.rng.set_state(saved_rng)
+                log.info("resuming %s after epoch %d", job.run_dir, member.state.epoch)
+            models.append(model.to(device))
+            members.append(member)
+        loss_fn = build(cfg, "loss").to(device)
+        stack = Stack(models, loss_fn, l1_lambda=cfg.l1_lambda)
+        del models
+        params = list(stack.params.values())
+        optimizer = build(cfg, "optim", params)
+        scheduler = build(cfg, "sched", optimizer)
+        if ckpts[0] is not None:  # all members of a group stopped at the same epoch
+            optimizer.load_state_dict(stack_optimizer_states([c["optimizer"] for c in ckpts], params))
+            if scheduler is not None:
+                scheduler.load_state_dict(ckpts[0]["scheduler"])
+        for member, record in zip(members, records):
+            record.params = sum(p[0].numel() for p in params)
+            record.scale, record.data_source = cfg.get("scale", 1.0), data.source
+            record.train_images, record.val_images, record.test_images = \
+                len(data.train_y), len(data.val_y), len(data.test_y)
+            record.extra["fused_members"] = len(members)
+            record.save(member.job.run_dir)
+        log.info("fused %d seeds (%s) | %d params each | %d train / %d test images | %s",
+                 len(members), ", ".join(str(m.job.cfg.seed) for m in members), records[0].params,
+                 len(data.train_y), len(data.test_y), device)
+        alive = list(members)
+        fit_stack(alive, stack, data, optimizer=optimizer, scheduler=scheduler, cfg=cfg,
+                  precision=pick_precision(cfg.precision, device), device=device, started=start)
+        for member in alive:
+            member.record.status = "completed"
+            if cfg.save_weights:
+                member.record.weights_file = link_seed_name(
+                    member.job.run_dir, stack.template, loss_fn, optimizer, scheduler,
+                    member.record.test_acc_at_best_val or member.record.best_test_acc)
+    except Interrupted as err:
+        for record in records:
+            if record.status == "running":
+                record.status, record.error = "interrupted", f"stopped by {err}; re-run to resume"
+        raise
+    except Exception as err:
+        for record in records:
+            if record.status == "running":
+                record.status, record.error = "failed", f"{type(err).__name__}: {err}"
+        raise
+    finally:
+        elapsed = time.perf_counter() - start
+        for job, record in zip(jobs, records):
+            if record.status != "diverged":  # a dropped member's time was counted when it left
+                record.wall_seconds += elapsed
+                record.save(job.run_dir)
+    for member in members:
+        if member.record.status == "completed":  # with the completed record safely on disk
+            save_finished(member.job.run_dir, identity=member.record.config_hash,
+                          state=member.state, record=member.record)
+    return records
+
+
+def fit_stack(alive: list[Member], stack: Stack, data, *, optimizer, scheduler, cfg: DictConfig,
+              precision: Precision, device: torch.device, started: float) -> None:
+    """loop.fit for a stack: each epoch trains all members, then each member's folder is updated.
+
+    A member whose training loss stops being finite is recorded `diverged` and dropped from
+    the stack (its checkpoint stays at its last good epoch, as alone); the others go on.
+    `alive` is updated in place.
+    """
+    has_val = len(data.val_y) > 0
+    best_key = "val_acc" if has_val else "test_acc"
+    for member in alive:
+        member.best = max((r[best_key] for r in member.state.rows), default=-1.0)
+    first = alive[0].state.epoch
+    for epoch in range(first + 1, cfg.epochs + 1):
+        lr = optimizer.param_groups[0]["lr"]
+        step_losses = [] if cfg.log_steps else None
+        began = time.perf_counter()
+        train = train_stack_epoch(stack, optimizer, data.train_x, data.train_y,
+                                  batch_size=cfg.batch_size,
+                                  generators=[m.generator for m in alive],
+                                  rngs=[m.rng for m in alive], grad_clip=cfg.grad_clip,
+                                  precision=precision, step_losses=step_losses)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - began
+
+        keep = [m for m, loss in enumerate(train["loss"]) if math.isfinite(loss)]
+        for m in set(range(len(alive))) - set(keep):
+            err = Diverged(f"training loss became {train['loss'][m]} in epoch {epoch}")
+            record = alive[m].record
+            record.status, record.error = "diverged", str(err)
+            record.wall_seconds += time.perf_counter() - started
+            record.save(alive[m].job.run_dir)
+            log.warning("%s diverged: %s; the other members go on", alive[m].job.run_dir, err)
+        if not keep:
+            alive.clear()
+            return
+
+        test = stack.evaluate(data.test_x, data.test_y, precision=precision)
+        val = stack.evaluate(data.val_x, data.val_y, precision=precision) if has_val \
+            else [{"loss": None, "acc": None}] * len(alive)
+        if scheduler is not None:
+            scheduler.step()  # never the plateau scheduler: fusable refuses it
+        if len(keep) < len(alive):  # drop the diverged: their checkpoints stay at the last good epoch
+            optimizer, scheduler = _keep_members(stack, optimizer, scheduler, keep, cfg)
+            alive[:] = [alive[m] for m in keep]
+            train = {k: [v[m] for m in keep] if isinstance(v, list) else v for k, v in train.items()}
+            test, val = [test[m] for m in keep], [val[m] for m in keep]
+            if step_losses is not None:
+                step_losses = [s[keep] for s in step_losses]
+
+        steps = torch.stack(step_losses).T.tolist() if step_losses is not None else None
+        with signals_deferred():
+            for m, member in enumerate(alive):
+                row = dict(epoch=epoch, train_loss=train["loss"][m], train_acc=train["acc"][m],
+                           test_loss=test[m]["loss"], test_acc=test[m]["acc"],
+                           val_loss=val[m]["loss"], val_acc=val[m]["acc"], lr=lr, seconds=seconds)
+                _end_epoch(member, stack, m, row, train["images"], best_key,
+                           steps[m] if steps else None,
+                           optimizer, scheduler, cfg, device)
+        log.info("epoch %d/%d of %d fused seeds | test acc %s | lr %.3g | %.1fs", epoch, cfg.epochs,
+                 len(alive), " ".join(f"{t['acc']:.4f}" for t in test), lr, seconds)
+    for member in alive:  # also when resumed after the last epoch: the record is whole
+        summarize(member.state.rows, member.record)
+        member.record.images_per_second = \
+            member.state.train_images / max(member.state.train_seconds, 1e-9)
+
+
+def _end_epoch(member: Member, stack: Stack, m: int, row: dict, images: int, best_key: str,
+               steps: list[float] | None, optimizer, scheduler, cfg, device) -> None:
+    """What loop.fit writes at an epoch's end, for one member: weights, metrics, record, checkpoint."""
+    run_dir, state = member.job.run_dir, member.state
+    state.rows.append(row)
+    state.epoch = row["epoch"]
+    state.train_seconds += row["seconds"]  # the group's time: the members trained together
+    state.train_images += images
+    if row[best_key] > member.best:
+        member.best = row[best_key]
+        if cfg.save_weights:
+            atomic_torch_save({k: v.cpu() for k, v in stack.state_dict(m).items()},
+                              run_dir / BEST_WEIGHTS)
+    write_metrics(state.rows, run_dir)
+    if steps is not None:
+        append_steps(run_dir / STEPS_FILE, row["epoch"], steps)
+    summarize(state.rows, member.record)
+    member.record.images_per_second = state.train_images / max(state.train_seconds, 1e-9)
+    member.record.save(run_dir)
+    save_member_checkpoint(member, stack, m, optimizer, scheduler, device)
+
+
+def _keep_members(stack: Stack, optimizer, scheduler, keep: list[int], cfg: DictConfig):
+    """Drop members from the stack; a new optimizer and scheduler continue the survivors' state."""
+    from ablate.train import build
+
+    old_params = list(stack.params.values())
+    opt_state = select_optimizer_state(optimizer.state_dict(), old_params, keep)
+    sched_state = scheduler.state_dict() if scheduler is not None else None
+    stack.keep(keep)
+    params = list(stack.params.values())
+    optimizer = build(cfg, "optim", params)
+    scheduler = build(cfg, "sched", optimizer)
+    optimizer.load_state_dict(opt_state)  # after the scheduler's first step, as a resume does
+    if scheduler is not None:
+        scheduler.load_state_dict(sched_state)
+    return optimizer, scheduler

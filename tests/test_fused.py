@@ -1,0 +1,246 @@
+"""Fused seeds (ablate/fused.py, hydra/launcher=fused): each member ends as its seed's run alone."""
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from ablate import fused
+from ablate.fused import Job, Stack, fusable, optimizer_acts_per_member, run_group
+from ablate.loop import _step_scheduler
+from ablate.record import RunRecord
+from ablate.train import build, run
+from conftest import CONF, REPO, TINY, compose_cfg, run_script
+
+CASES = {
+    "ce-adam-cosine": ["loss=ce", "optim=adam", "sched=cosine"],
+    "label_smoothing-sgd-step": ["loss=label_smoothing", "optim=sgd", "optim.lr=0.05", "sched=step",
+                                 "sched.step_size=1", "l1_lambda=1e-4"],
+}
+SEEDS = (0, 1)
+SMALL = [*TINY, "data.train_size=256"]  # 4 steps an epoch
+LAUNCH = [*TINY, "data.train_size=128", "data.test_size=100"]  # the launcher's tests: 2 steps
+# fp32 on CPU: a stacked model runs grouped convolutions and batched matmuls, whose sums round
+# differently from one model's (~1e-7 per op); two epochs of training grow that to 1e-5..2e-3 in
+# the losses and now and then a test image or two (0.5% each) changing class.
+LOSS_TOL, ACC_TOL = 5e-3, 0.02
+COMPARED = ["train_loss", "test_loss", "train_acc", "test_acc"]
+
+
+def metrics(run_dir):
+    return pd.read_csv(run_dir / "metrics.csv")
+
+
+def single_runs(root, overrides, seeds=SEEDS):
+    for seed in seeds:
+        run_dir = root / f"alone{seed}"
+        run_dir.mkdir()
+        run(compose_cfg([*SMALL, *overrides, f"seed={seed}"]), run_dir, {}, [])
+    return {seed: metrics(root / f"alone{seed}") for seed in seeds}
+
+
+def fused_jobs(root, overrides, seeds=SEEDS):
+    jobs = [Job(compose_cfg([*SMALL, *overrides, f"seed={s}"]), root / f"fused{s}") for s in seeds]
+    for job in jobs:
+        job.run_dir.mkdir()
+    return jobs
+
+
+def assert_close(fused_rows, alone_rows):
+    assert list(fused_rows["epoch"]) == list(alone_rows["epoch"])
+    assert list(fused_rows["lr"]) == list(alone_rows["lr"])  # the schedule exactly
+    for col in COMPARED:
+        tol = LOSS_TOL if "loss" in col else ACC_TOL
+        diff = (fused_rows[col] - alone_rows[col]).abs().max()
+        assert diff <= tol, f"{col} differs by {diff}"
+
+
+@pytest.fixture(scope="module")
+def alone_ce(tmp_path_factory):
+    root = tmp_path_factory.mktemp("alone_ce")
+    return single_runs(root, CASES["ce-adam-cosine"])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_each_fused_seed_matches_its_run_alone(case, tmp_path, alone_ce):
+    alone = alone_ce if case == "ce-adam-cosine" else single_runs(tmp_path, CASES[case])
+    jobs = fused_jobs(tmp_path, CASES[case])
+    assert run_group(jobs) == ["completed"] * len(SEEDS)
+    for seed, job in zip(SEEDS, jobs):
+        record = RunRecord.load(job.run_dir)
+        assert record.status == "completed" and record.seed == seed
+        assert record.extra["fused_members"] == 2
+        assert (job.run_dir / "best_model.pth").exists() and record.weights_file
+        assert json.loads((job.run_dir / "result.json").read_text())["status"] == "completed"
+        assert_close(metrics(job.run_dir), alone[seed])
+    # The tolerance tells seeds apart: a member is not within it of the other seed's run.
+    with pytest.raises(AssertionError, match="differs by"):
+        assert_close(metrics(jobs[0].run_dir), alone[1])
+
+
+def test_a_diverged_member_is_recorded_and_the_others_go_on(tmp_path, alone_ce, monkeypatch):
+    real = fused.train_stack_epoch
+
+    def poison_the_last_member(stack, *args, **kwargs):
+        if stack.size == 3:  # epoch 1, before the member is dropped
+            with torch.no_grad():
+                next(iter(stack.params.values()))[2].fill_(math.inf)
+        return real(stack, *args, **kwargs)
+
+    monkeypatch.setattr(fused, "train_stack_epoch", poison_the_last_member)
+    jobs = fused_jobs(tmp_path, CASES["ce-adam-cosine"], seeds=(0, 1, 7))
+    assert run_group(jobs) == ["completed", "completed", "diverged"]
+    assert RunRecord.load(jobs[2].run_dir).error == "training loss became nan in epoch 1"
+    assert not (jobs[2].run_dir / "metrics.csv").exists()  # as alone: no finished epoch
+    # Epoch 2 ran on a stack of two with the survivors' optimizer state carried over.
+    for seed, job in zip(SEEDS, jobs):
+        assert_close(metrics(job.run_dir), alone_ce[seed])
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "optim").glob("*.yaml")))
+def test_one_optimizer_over_the_stack_equals_one_per_member(option):
+    cfg = compose_cfg([f"optim={option}"])
+    assert optimizer_acts_per_member(lambda ps: build(cfg, "optim", ps))
+
+
+def test_an_optimizer_with_per_tensor_statistics_is_refused():
+    # Adafactor factors a matrix's second moment by rows and columns but keeps a vector's
+    # whole: a stacked bias is a matrix, so one Adafactor over the stack is not N Adafactors.
+    assert not optimizer_acts_per_member(lambda ps: torch.optim.Adafactor(ps, lr=1e-2))
+    cfg = compose_cfg([*SMALL, "optim._target_=torch.optim.Adafactor", "~optim.weight_decay"])
+    assert "differs from one per member" in fusable(cfg)
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "sched").glob("*.yaml")))
+def test_schedulers_fuse_unless_they_follow_a_members_loss(option):
+    extra = ["sched.step_size=2"] if option == "step" else []
+    cfg = compose_cfg([*SMALL, f"sched={option}", "epochs=6", *extra])
+    # Two members whose monitored losses differ (one improves, one stalls), each with its own
+    # optimizer and scheduler stepped as loop.fit steps them: when their learning rates agree
+    # at every epoch, the one scheduler over the stack gives each member its own schedule.
+    lrs = []
+    for losses in ([1.0 / (e + 1) for e in range(6)], [1.0] * 6):
+        optimizer = build(cfg, "optim", [torch.zeros(1, requires_grad=True)])
+        scheduler = build(cfg, "sched", optimizer)
+        lrs.append([])
+        for loss in losses:
+            lrs[-1].append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            _step_scheduler(scheduler, loss)
+    if option == "plateau":
+        assert lrs[0] != lrs[1]
+        assert "plateau" in fusable(cfg)
+    else:
+        assert lrs[0] == lrs[1]
+        assert fusable(cfg) is None
+
+
+@pytest.mark.parametrize("overrides, reason", [
+    (["swa.start_epoch=2"], "SWA"),
+    (["+probe=landscape"], "probe"),
+    (["compile=true"], "compile"),
+])
+def test_swa_the_probe_and_compile_are_not_fused(overrides, reason):
+    assert reason in fusable(compose_cfg([*SMALL, *overrides]))
+
+
+def test_a_model_drawing_other_random_numbers_is_refused():
+    class Noisy(nn.Module):  # noise drawn inside the forward, from the global generator
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+
+        def forward(self, x):
+            return self.net(x + 0.1 * torch.randn_like(x))
+
+    stack = Stack([Noisy(), Noisy()], nn.CrossEntropyLoss())
+    rngs = [torch.Generator().manual_seed(i) for i in range(2)]
+    with pytest.raises(RuntimeError, match="randomness"):
+        stack.train_forward(torch.zeros(2, 4, 3, 32, 32), torch.zeros(2, 4, dtype=torch.long), rngs)
+
+
+# ----------------------------------------------------------------------------- the launcher
+
+def records(sweep_dir):
+    """The sweep's records by seed (job folders are named by their overrides)."""
+    found = [json.loads(p.read_text()) for p in sweep_dir.glob("*/result.json")]
+    return {r["seed"]: r for r in found}
+
+
+def folder(sweep_dir, seed):
+    return next(p.parent for p in sweep_dir.glob("*/result.json")
+                if json.loads(p.read_text())["seed"] == seed)
+
+
+def test_fused_sweep_trains_only_the_unfinished_seeds_together(tmp_path):
+    sweep = tmp_path / "sweep"
+    common = [*LAUNCH, f"hydra.sweep.dir={sweep}"]
+    run_script("ablate/train.py", "-m", "seed=0", *common)  # seed 0 done beforehand, unfused
+    done = (folder(sweep, 0) / "metrics.csv").stat().st_mtime_ns
+
+    proc = run_script("ablate/train.py", "-m", "hydra/launcher=fused", "seed=0,1,2", *common)
+    recs = records(sweep)
+    assert sorted(recs) == [0, 1, 2] and len(list(sweep.glob("*/result.json"))) == 3
+    assert [recs[k]["status"] for k in range(3)] == ["completed"] * 3
+    assert (folder(sweep, 0) / "metrics.csv").stat().st_mtime_ns == done
+    out = proc.stdout + proc.stderr
+    assert "fused 2 seeds (1, 2)" in out and "3 jobs: 2 completed, 1 skipped" in out
+    for k in (1, 2):
+        assert recs[k]["extra"]["fused_members"] == 2
+        run_dir = folder(sweep, k)
+        assert f"- seed={k}" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+        assert (run_dir / "best_model.pth").exists() and (run_dir / "metrics.csv").exists()
+        assert "fused 2 seeds" in (run_dir / "train.log").read_text()
+
+
+def test_a_group_that_cannot_fuse_runs_one_by_one(tmp_path):
+    sweep = tmp_path / "swa"
+    proc = run_script("ablate/train.py", "-m", "hydra/launcher=fused", "seed=0,1",
+                      "swa.start_epoch=2", *LAUNCH, f"hydra.sweep.dir={sweep}")
+    assert "run one by one: SWA" in proc.stdout + proc.stderr
+    recs = records(sweep)
+    assert [r["status"] for r in recs.values()] == ["completed"] * 2
+    assert all("swa_test_acc" in r["extra"] and "fused_members" not in r["extra"]
+               for r in recs.values())
+
+
+def test_sigterm_mid_group_then_rerun_equals_an_uninterrupted_fused_run(tmp_path):
+    common = ["-m", "hydra/launcher=fused", "seed=0,1", *LAUNCH, "epochs=3"]
+    whole = tmp_path / "whole"
+    run_script("ablate/train.py", *common, f"hydra.sweep.dir={whole}")
+
+    cut = tmp_path / "cut"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, str(REPO / "ablate/train.py"), *common,
+                             f"hydra.sweep.dir={cut}"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(cut.glob("*/checkpoint.pt")) and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    stopped = records(cut)
+    assert {r["status"] for r in stopped.values()} == {"interrupted"}
+    assert stopped[0]["epochs_run"] < 3
+    assert stopped[0]["epochs_run"] == stopped[1]["epochs_run"]  # one epoch for the group
+    # A member's checkpoint is a single run's: seed 1 can also finish alone from it.
+    shutil.copytree(folder(cut, 1), tmp_path / "alone1")
+    alone = run(compose_cfg([*LAUNCH, "epochs=3", "seed=1"]), tmp_path / "alone1", {}, [])
+    assert alone.status == "completed" and alone.epochs_run == 3
+    assert_close(metrics(tmp_path / "alone1"), metrics(folder(whole, 1)))
+
+    proc = run_script("ablate/train.py", *common, f"hydra.sweep.dir={cut}")
+    assert "fused 2 seeds (0, 1)" in proc.stdout + proc.stderr  # resumed together
+    for k in (0, 1):
+        assert records(cut)[k]["status"] == "completed"
+        pd.testing.assert_frame_equal(metrics(folder(whole, k)).drop(columns="seconds"),
+                                      metrics(folder(cut, k)).drop(columns="seconds"),
+                                      check_exact=True)
