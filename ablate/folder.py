@@ -11,8 +11,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ablate.checkpoint import CHECKPOINT_FILE, peek_checkpoint
-from ablate.record import RESULT_FILE, differences, identity, write_atomic
+from ablate.checkpoint import peek_checkpoint
+from ablate.record import CHECKPOINT_FILE, RESULT_FILE, differences, identity, write_atomic
 
 LOCK_FILE = ".lock"
 HYDRA_DIR = ".hydra"

@@ -12,8 +12,15 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-RESULT_FILE = "result.json"
-METRICS_FILE = "metrics.csv"
+# The files of a run folder (beside Hydra's .hydra/ and the job's .log).
+RESULT_FILE = "result.json"          # the RunRecord
+METRICS_FILE = "metrics.csv"         # one row per epoch
+CHECKPOINT_FILE = "checkpoint.pt"    # resume state; a few kilobytes once the run completed
+BEST_WEIGHTS = "best_model.pth"      # the best epoch's weights (plus a seed-style hard link)
+SWA_WEIGHTS = "swa_model.pth"        # the averaged model's weights (swa.start_epoch set)
+STEPS_FILE = "steps.csv"             # every step's training loss (log_steps: true)
+LANDSCAPE_FILE = "landscape.csv"     # the loss-landscape probe's rows (probe: landscape)
+TENSORBOARD_DIR = "tensorboard"      # event files (logger: tensorboard)
 # Keys that say where or how a run executes, not what it computes. They are recorded but kept
 # out of a run's identity: re-running a finished sweep with more threads or another launcher is
 # the same experiment (thread counts change CPU float rounding, which is noise, not a setting).

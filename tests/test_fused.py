@@ -15,7 +15,7 @@ from torch import nn
 
 from ablate import fused
 from ablate.fused import Job, Stack, fusable, optimizer_acts_per_member, run_group
-from ablate.loop import _step_scheduler
+from ablate.loop import step_scheduler
 from ablate.record import RunRecord
 from ablate.train import build, run
 from conftest import CONF, REPO, TINY, compose_cfg, run_script
@@ -134,7 +134,7 @@ def test_schedulers_fuse_unless_they_follow_a_members_loss(option):
         for loss in losses:
             lrs[-1].append(optimizer.param_groups[0]["lr"])
             optimizer.step()
-            _step_scheduler(scheduler, loss)
+            step_scheduler(scheduler, loss)
     if option == "plateau":
         assert lrs[0] != lrs[1]
         assert "plateau" in fusable(cfg)
