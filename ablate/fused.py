@@ -277,6 +277,8 @@ def fusable(cfg: DictConfig) -> str | None:
         return "SWA averages and re-normalises one model"
     if cfg.get("probe"):
         return "the probe perturbs one model's weights"
+    if cfg.get("callbacks") or cfg.get("logger"):
+        return "callbacks and loggers hook into one model's loop"
     if cfg.get("compile"):
         return "compile=true"
     try:

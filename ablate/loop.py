@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -231,6 +232,7 @@ class Loop:
     model: nn.Module
     data: ImageData
     recipe: Recipe
+    run_dir: Path
     record: RunRecord
     callbacks: dict[str, Callback]
     generator: torch.Generator
@@ -272,13 +274,14 @@ class Loop:
 
 
 def fit(model: nn.Module, data: ImageData, recipe: Recipe, *, epochs: int, seed: int,
-        record: RunRecord, callbacks: dict[str, Callback], resume: dict | None = None) -> FitState:
+        run_dir: Path, record: RunRecord, callbacks: dict[str, Callback],
+        resume: dict | None = None) -> FitState:
     """Train for `epochs` (continuing from the checkpoint `resume`); callbacks do the rest.
 
     Raises Diverged when the training blows up (check_divergence).
     """
     generator = torch.Generator(device=data.train_x.device).manual_seed(seed)
-    loop = Loop(model, data, recipe, record, callbacks, generator)
+    loop = Loop(model, data, recipe, Path(run_dir), record, callbacks, generator)
     if resume is not None:
         loop.load_state_dict(resume)
         log.info("resuming after epoch %d", loop.state.epoch)
@@ -341,18 +344,15 @@ class Schedule(Callback):
 class Metrics(Callback):
     """metrics.csv and result.json after every epoch: the record always says how far the run got."""
 
-    def __init__(self, run_dir):
-        self.run_dir = run_dir
-
     def on_fit_start(self, loop: Loop) -> None:
         summarize(loop.state.rows, loop.record)  # a resumed run's record keeps the accuracies it had
-        loop.record.save(self.run_dir)  # status "running"
+        loop.record.save(loop.run_dir)  # status "running"
 
     def on_epoch_end(self, loop: Loop, row: dict) -> None:
-        write_metrics(loop.state.rows, self.run_dir)
+        write_metrics(loop.state.rows, loop.run_dir)
         self.on_fit_end(loop)
 
     def on_fit_end(self, loop: Loop) -> None:  # after SWA's entries, which come before in the callbacks
         summarize(loop.state.rows, loop.record)
         loop.record.images_per_second = loop.state.train_images / max(loop.state.train_seconds, 1e-9)
-        loop.record.save(self.run_dir)
+        loop.record.save(loop.run_dir)

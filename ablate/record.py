@@ -25,7 +25,7 @@ TENSORBOARD_DIR = "tensorboard"      # event files (logger: tensorboard)
 # out of a run's identity: re-running a finished sweep with more threads or another launcher is
 # the same experiment (thread counts change CPU float rounding, which is noise, not a setting).
 OPERATIONAL_KEYS = ("device", "threads", "cuda_memory_fraction", "compile", "save_weights",
-                    "log_steps", "data.download")
+                    "log_steps", "logger", "data.download")
 
 
 def settings(config: dict) -> dict:
@@ -145,8 +145,10 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def write_metrics(rows: list[dict[str, Any]], run_dir: Path) -> None:
+    # Callbacks may add columns (e.g. grad_norm); they follow the standard ones.
+    extra = [k for k in (rows[0] if rows else {}) if k not in METRIC_COLUMNS]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=[*METRIC_COLUMNS, *extra], extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     write_atomic(Path(run_dir) / METRICS_FILE, buf.getvalue())

@@ -8,28 +8,24 @@ from torch import nn
 
 from ablate.checkpoint import atomic_torch_save
 from ablate.loop import Callback, Loop
-from ablate.record import CHECKPOINT_FILE, write_atomic
+from ablate.record import BEST_WEIGHTS, CHECKPOINT_FILE, STEPS_FILE, write_atomic
 
 
 class Checkpoint(Callback):
     """Saves everything to resume bit for bit after every epoch (keep it last among the callbacks,
     so that it saves what the others did to the epoch)."""
 
-    def __init__(self, run_dir: Path, identity: str):
-        self.path, self.identity = Path(run_dir) / CHECKPOINT_FILE, identity
-
     def on_epoch_end(self, loop: Loop, row: dict) -> None:
         # identity is record.identity of the config: a run of another config never resumes it
-        atomic_torch_save({"identity": self.identity, **loop.state_dict()}, self.path)
+        atomic_torch_save({"identity": loop.record.config_hash, **loop.state_dict()},
+                          loop.run_dir / CHECKPOINT_FILE)
 
 
 class BestWeights(Callback):
     """Saves the weights of the best epoch so far (by validation accuracy, else test accuracy)."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
     def on_fit_start(self, loop: Loop) -> None:
+        self.path = loop.run_dir / BEST_WEIGHTS
         self.key = "val_acc" if loop.has_val else "test_acc"
         self.best = max((r[self.key] for r in loop.state.rows), default=-1.0)
 
@@ -46,15 +42,14 @@ def save_weights(model: nn.Module, path: Path) -> None:
 class StepLosses(Callback):
     """Collects each step's loss on the device and appends the epoch's to steps.csv at its end."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    def __init__(self):
         self.losses: list[torch.Tensor] = []
 
     def after_step(self, loss: torch.Tensor) -> None:
         self.losses.append(loss)
 
     def on_epoch_end(self, loop: Loop, row: dict) -> None:
-        append_steps(self.path, row["epoch"], torch.stack(self.losses).tolist())  # one sync
+        append_steps(loop.run_dir / STEPS_FILE, row["epoch"], torch.stack(self.losses).tolist())  # one sync
         self.losses = []
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -11,6 +10,7 @@ from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
 from ablate.savers import save_weights
 from ablate.data import batches
 from ablate.loop import Callback, Loop, Schedule, evaluate
+from ablate.record import SWA_WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -21,19 +21,20 @@ class SWA(Callback):
     It takes the place of the run's Schedule callback: that scheduler sets the learning rate up
     to and including start_epoch; from then on SWALR replaces it, annealing to `lr` over
     `anneal_epochs` epochs and holding it there. At the end the averaged model gets fresh BN
-    statistics and is evaluated into record.extra (swa_test_acc, ...); `weights` keeps it.
+    statistics and is evaluated into record.extra (swa_test_acc, ...) and, with save_weights,
+    saved as SWA_WEIGHTS.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, start_epoch: int,
                  lr: float, anneal_epochs: int = 5, anneal_strategy: str = "cos",
-                 schedule: Schedule | None = None, weights: Path | None = None):
+                 schedule: Schedule | None = None, save_weights: bool = True):
         self.averaged = AveragedModel(model)  # a copy whose parameters hold the running mean
         self.optimizer = optimizer
         self.start_epoch, self.lr = start_epoch, lr
         self.anneal_epochs, self.anneal_strategy = anneal_epochs, anneal_strategy
         self.scheduler: SWALR | None = None  # built when averaging starts (see update)
         self.schedule = schedule or Schedule(None)
-        self.weights = weights
+        self.save_weights = save_weights
 
     def on_epoch_end(self, loop: Loop, row: dict) -> None:
         if row["epoch"] >= self.start_epoch:
@@ -45,8 +46,8 @@ class SWA(Callback):
         if loop.state.epoch < self.start_epoch:  # e.g. a diverged run: nothing was averaged
             return
         loop.record.extra.update(self.finish(loop))
-        if self.weights is not None:
-            save_weights(self.averaged.module, self.weights)
+        if self.save_weights:
+            save_weights(self.averaged.module, loop.run_dir / SWA_WEIGHTS)
 
     def update(self, model: nn.Module) -> None:
         """Add this epoch's weights to the average; step SWALR instead of the run's scheduler."""

@@ -25,8 +25,8 @@ from ablate.data import DataError, ImageData
 from ablate.folder import FolderRefused, accept, locked, logging_to, write_hydra
 from ablate.loop import (Callback, Diverged, FitState, Metrics, Recipe, Schedule, fit,
                          pick_precision)
-from ablate.record import (BEST_WEIGHTS, CHECKPOINT_FILE, METRICS_FILE, RESULT_FILE, STEPS_FILE,
-                           SWA_WEIGHTS, RunRecord, WriteError, identity, write_metrics)
+from ablate.record import (CHECKPOINT_FILE, METRICS_FILE, RESULT_FILE, RunRecord, WriteError,
+                           identity, write_metrics)
 from ablate.savers import BestWeights, Checkpoint, StepLosses
 from ablate.validation import ConfigError, dry_run, out_of_memory, validate
 
@@ -207,37 +207,37 @@ def build_run(cfg: DictConfig, run_dir: Path, device: torch.device, record: RunR
              record.params, len(data.train_y), len(data.test_y), data.source, device)
     recipe = Recipe(loss_fn, optimizer, cfg.batch_size, cfg.l1_lambda, cfg.grad_clip, precision)
     return Parts(model, data, recipe, scheduler,
-                 build_callbacks(cfg, run_dir, model, recipe, scheduler, record))
+                 build_callbacks(cfg, run_dir, model, recipe, scheduler))
 
 
-def build_callbacks(cfg: DictConfig, run_dir: Path, model, recipe: Recipe, scheduler,
-                    record: RunRecord) -> dict[str, Callback]:
+def build_callbacks(cfg: DictConfig, run_dir: Path, model, recipe: Recipe,
+                    scheduler) -> dict[str, Callback]:
     """The loop's callbacks in the order they run; their keys name their state in the checkpoint."""
     callbacks: dict[str, Callback] = {"scheduler": Schedule(scheduler)}
     if cfg.get("swa") and cfg.swa.start_epoch is not None:
         # SWALR takes over from the run's scheduler; built after channels_last so its copy matches.
         callbacks = {"swa": build(cfg, "swa", model, recipe.optimizer, schedule=callbacks["scheduler"],
-                                  weights=run_dir / SWA_WEIGHTS if cfg.save_weights else None)}
+                                  save_weights=cfg.save_weights)}
     if cfg.save_weights:
-        callbacks["best_weights"] = BestWeights(run_dir / BEST_WEIGHTS)
+        callbacks["best_weights"] = BestWeights()
     if cfg.log_steps:
-        callbacks["steps"] = StepLosses(run_dir / STEPS_FILE)
+        callbacks["steps"] = StepLosses()
     if cfg.get("probe"):  # see conf/probe/
         callbacks["probe"] = build(cfg, "probe", model=model, loss_fn=recipe.loss_fn,
                                    optimizer=recipe.optimizer, run_dir=run_dir)
-    for key in cfg.get("callbacks") or {}:  # see conf/callbacks/: each is called with the run folder
-        callbacks[key] = build(cfg.callbacks, key, run_dir)
-    if cfg.get("logger"):  # see conf/logger/
-        callbacks["logger"] = build(cfg, "logger", run_dir)
-    callbacks["metrics"] = Metrics(run_dir)  # after SWA's and the loggers' entries in the record
-    callbacks["checkpoint"] = Checkpoint(run_dir, record.config_hash)  # last: saves all the others
+    for key in cfg.get("callbacks") or {}:  # see conf/callbacks/
+        callbacks[key] = build(cfg.callbacks, key)
+    if cfg.get("logger"):  # see conf/logger/; after the callbacks, so it shows their columns
+        callbacks["logger"] = build(cfg, "logger")
+    callbacks["metrics"] = Metrics()  # after SWA's and the loggers' entries in the record
+    callbacks["checkpoint"] = Checkpoint()  # last: it saves what all the others did
     return callbacks
 
 
 def train(cfg: DictConfig, parts: Parts, record: RunRecord, run_dir: Path) -> FitState:
     """Run the loop (resuming from run_dir's checkpoint); the record says completed at the end."""
     state = fit(parts.model, parts.data, parts.recipe, epochs=cfg.epochs, seed=cfg.seed,
-                record=record, callbacks=parts.callbacks, resume=load_checkpoint(run_dir))
+                run_dir=run_dir, record=record, callbacks=parts.callbacks, resume=load_checkpoint(run_dir))
     record.status = "completed"
     if cfg.save_weights:
         record.weights_file = link_seed_name(run_dir, parts.model, parts.recipe.loss_fn,
@@ -289,7 +289,7 @@ def main(cfg: DictConfig) -> JobOutcome:
 def _run_job(cfg: DictConfig, hc, run_dir: Path, in_sweep: bool) -> JobOutcome:
     """run() in an accepted folder; in a sweep every failure is recorded and the sweep goes on."""
     choices = {k: v for k, v in OmegaConf.to_container(hc.runtime.choices).items()
-               if not k.startswith("hydra") and v is not None}
+               if not k.startswith("hydra") and k != "logger" and v is not None}
     overrides = list(hc.overrides.task)
     try:
         done = finished_record(run_dir)
