@@ -295,9 +295,9 @@ def _run_job(cfg: DictConfig, hc, run_dir: Path, in_sweep: bool) -> JobOutcome:
         done = finished_record(run_dir)
         if done is not None:
             log.info("%s is already completed (test acc %.4f); skipping", run_dir, done.final_test_acc)
-            return JobOutcome("skipped", final_test_acc=done.final_test_acc)
-        record = run(cfg, run_dir, choices, overrides, job_num=hc.job.num if in_sweep else None)
-        return JobOutcome(record.status, record.error or "", record.final_test_acc)
+            return JobOutcome.of(done, "skipped")
+        return JobOutcome.of(run(cfg, run_dir, choices, overrides,
+                                 job_num=hc.job.num if in_sweep else None))
     except Interrupted as err:
         log.error("interrupted by %s; the last finished epoch is saved in %s: run the same command "
                   "again to resume", err, run_dir)
