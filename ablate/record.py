@@ -1,4 +1,5 @@
-"""The typed run record (result.json) and per-epoch metrics (metrics.csv), written atomically."""
+"""A run folder's files: their names (every one, here only), the typed run record (result.json)
+and per-epoch metrics (metrics.csv), written atomically. Torch-free: analysis/ reads through it."""
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +13,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-# The files of a run folder (beside Hydra's .hydra/ and the job's .log).
+# The files of a run folder (beside the job's <job name>.log).
+HYDRA_DIR = ".hydra"                 # Hydra's record of the job, written by the run (ablate.folder)
+HYDRA_CONFIG = f"{HYDRA_DIR}/config.yaml"        # the composed config
+HYDRA_RUNTIME = f"{HYDRA_DIR}/hydra.yaml"        # Hydra's own: the group choices, the overrides
+HYDRA_OVERRIDES = f"{HYDRA_DIR}/overrides.yaml"  # the overrides as typed
+LOCK_FILE = ".lock"                  # held while a process works in the folder
 RESULT_FILE = "result.json"          # the RunRecord
 METRICS_FILE = "metrics.csv"         # one row per epoch
 CHECKPOINT_FILE = "checkpoint.pt"    # resume state; a few kilobytes once the run completed
@@ -21,6 +27,9 @@ SWA_WEIGHTS = "swa_model.pth"        # the averaged model's weights (swa.start_e
 STEPS_FILE = "steps.csv"             # every step's training loss (log_steps: true)
 LANDSCAPE_FILE = "landscape.csv"     # the loss-landscape probe's rows (probe: landscape)
 TENSORBOARD_DIR = "tensorboard"      # event files (logger: tensorboard)
+# The per-run tables analysis stacks, by the frame name it gives them.
+CSV_FILES = {"metrics": METRICS_FILE, "steps": STEPS_FILE, "landscape": LANDSCAPE_FILE}
+SWEEP_FILE = "multirun.yaml"         # in a sweep folder (the run folders' parent), by Hydra
 # Keys that say where or how a run executes, not what it computes. They are recorded but kept
 # out of a run's identity: re-running a finished sweep with more threads or another launcher is
 # the same experiment (thread counts change CPU float rounding, which is noise, not a setting).
