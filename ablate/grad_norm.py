@@ -1,4 +1,4 @@
-"""callbacks=[grad_norm]: the mean gradient norm of each epoch, as a metrics.csv column."""
+"""+callbacks=grad_norm: the mean gradient norm of each epoch, as a metrics.csv column."""
 from __future__ import annotations
 
 import torch
@@ -14,9 +14,9 @@ class GradNorm(Callback):
         self.params = [p for p in loop.model.parameters() if p.requires_grad]
         self.total, self.steps = 0.0, 0
 
-    def after_step(self, loss: torch.Tensor) -> None:
-        grads = [p.grad for p in self.params if p.grad is not None]
-        self.total += torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))  # no sync
+    def after_step(self, loss: torch.Tensor) -> None:  # the gradients the optimizer just used
+        norms = [p.grad.norm() for p in self.params if p.grad is not None]
+        self.total += torch.linalg.vector_norm(torch.stack(norms))  # summed on the device: no sync
         self.steps += 1
 
     def on_epoch_end(self, loop, row: dict) -> None:
