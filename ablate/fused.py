@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import math
 import os
 import signal
 import time
@@ -32,7 +31,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from ablate.checkpoint import atomic_torch_save, link_seed_name, load_checkpoint, save_finished
 from ablate.data import batches
-from ablate.loop import Diverged, FitState, Precision, pick_precision, summarize
+from ablate.loop import Diverged, FitState, Precision, divergence, pick_precision, summarize
 from ablate.record import (BEST_WEIGHTS, CHECKPOINT_FILE, STEPS_FILE, RunRecord, identity,
                            write_metrics)
 from ablate.savers import append_steps
@@ -120,6 +119,12 @@ class Stack:
         # never from inside the vmapped function; a model drawing others is refused by fusable.
         return vmap(self._member_forward, randomness="error")(
             self.params, self.buffers, inputs, targets, masks)
+
+    @torch.no_grad()
+    def finite_members(self) -> list[bool]:
+        """Per member, whether all its floating-point weights and buffers are finite (one sync)."""
+        tensors = [t for t in [*self.params.values(), *self.buffers.values()] if t.is_floating_point()]
+        return torch.stack([t.flatten(1).isfinite().all(1) for t in tensors]).all(0).tolist()
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1024,
@@ -218,6 +223,7 @@ def train_stack_epoch(stack: Stack, optimizer: torch.optim.Optimizer, x: torch.T
     total_loss = torch.zeros(stack.size, device=device)
     correct = torch.zeros(stack.size, device=device, dtype=torch.long)
     seen = 0
+    first_loss = None
     params = list(stack.params.values())
     for inputs, targets in stacked_batches(x, y, batch_size, generators):
         with precision.autocast(device):
@@ -227,13 +233,22 @@ def train_stack_epoch(stack: Stack, optimizer: torch.optim.Optimizer, x: torch.T
         objective.sum().backward()
         if grad_clip:
             clip_per_member(params, grad_clip)
-        optimizer.step()
+        try:
+            optimizer.step()
+        except RuntimeError as err:  # as alone: a finite but huge update overflows the weights
+            if "overflow" not in str(err):
+                raise
+            # Members of a group differ only in their seed, so the step overflows for each.
+            raise Diverged(f"the optimizer step overflowed ({err})") from None
+        if first_loss is None:
+            first_loss = loss.detach()
         total_loss += loss.detach() * targets.shape[1]
         correct += (logits.argmax(-1) == targets).sum(1)
         seen += targets.shape[1]
         if step_losses is not None:
             step_losses.append(loss.detach())
-    return {"loss": (total_loss / seen).tolist(), "acc": (correct / seen).tolist(), "images": seen}
+    return {"loss": (total_loss / seen).tolist(), "first_loss": first_loss.tolist(),
+            "acc": (correct / seen).tolist(), "images": seen}
 
 
 # ----------------------------------------------------------------------------- what can be fused
@@ -510,11 +525,20 @@ def train_stack(jobs: list[Job], ckpts: list[dict | None]) -> list[RunRecord]:
     return records
 
 
+def _diverged(member: Member, err: Diverged, started: float) -> None:
+    """Record a member as diverged; its checkpoint stays at its last good epoch, as alone."""
+    record = member.record
+    record.status, record.error = "diverged", str(err)
+    record.wall_seconds += time.perf_counter() - started
+    record.save(member.job.run_dir)
+    log.warning("%s diverged: %s; the other members go on", member.job.run_dir, err)
+
+
 def fit_stack(alive: list[Member], stack: Stack, data, *, optimizer, scheduler, cfg: DictConfig,
               precision: Precision, device: torch.device, started: float) -> None:
     """loop.fit for a stack: each epoch trains all members, then each member's folder is updated.
 
-    A member whose training loss stops being finite is recorded `diverged` and dropped from
+    A member that diverges (loop.divergence: the rule of a run alone) is recorded `diverged` and dropped from
     the stack (its checkpoint stays at its last good epoch, as alone); the others go on.
     `alive` is updated in place.
     """
@@ -527,23 +551,30 @@ def fit_stack(alive: list[Member], stack: Stack, data, *, optimizer, scheduler, 
         lr = optimizer.param_groups[0]["lr"]
         step_losses = [] if cfg.log_steps else None
         began = time.perf_counter()
-        train = train_stack_epoch(stack, optimizer, data.train_x, data.train_y,
-                                  batch_size=cfg.batch_size,
-                                  generators=[m.generator for m in alive],
-                                  rngs=[m.rng for m in alive], grad_clip=cfg.grad_clip,
-                                  precision=precision, step_losses=step_losses)
+        try:
+            train = train_stack_epoch(stack, optimizer, data.train_x, data.train_y,
+                                      batch_size=cfg.batch_size,
+                                      generators=[m.generator for m in alive],
+                                      rngs=[m.rng for m in alive], grad_clip=cfg.grad_clip,
+                                      precision=precision, step_losses=step_losses)
+        except Diverged as err:  # the stack's step overflowed: every member blew up
+            for member in alive:
+                _diverged(member, err, started)
+            alive.clear()
+            return
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - began
 
-        keep = [m for m, loss in enumerate(train["loss"]) if math.isfinite(loss)]
+        finite = stack.finite_members()
+        reasons = []
+        for m, member in enumerate(alive):  # loop.fit's rule, member by member
+            if member.state.start_loss is None:
+                member.state.start_loss = train["first_loss"][m]
+            reasons.append(divergence(train["loss"][m], member.state.start_loss, finite[m], epoch))
+        keep = [m for m, reason in enumerate(reasons) if reason is None]
         for m in set(range(len(alive))) - set(keep):
-            err = Diverged(f"training loss became {train['loss'][m]} in epoch {epoch}")
-            record = alive[m].record
-            record.status, record.error = "diverged", str(err)
-            record.wall_seconds += time.perf_counter() - started
-            record.save(alive[m].job.run_dir)
-            log.warning("%s diverged: %s; the other members go on", alive[m].job.run_dir, err)
+            _diverged(alive[m], Diverged(reasons[m]), started)
         if not keep:
             alive.clear()
             return

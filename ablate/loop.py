@@ -147,15 +147,24 @@ def all_finite(model: nn.Module) -> bool:
     return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
 
 
-def check_divergence(model: nn.Module, epoch_loss: float, start_loss: float, epoch: int) -> None:
-    """Raise Diverged when this epoch's training blew up (see EXPLODED and README)."""
+def divergence(epoch_loss: float, start_loss: float | None, weights_finite: bool,
+               epoch: int) -> str | None:
+    """Why this epoch's training counts as diverged (see EXPLODED and README), or None."""
     if not math.isfinite(epoch_loss):
-        raise Diverged(f"training loss became {epoch_loss} in epoch {epoch}")
-    if not all_finite(model):
-        raise Diverged(f"weights became non-finite in epoch {epoch}")
-    if epoch_loss > EXPLODED * start_loss > 0:
-        raise Diverged(f"training loss exploded to {epoch_loss:.3g} in epoch {epoch}, over "
-                       f"{EXPLODED:g}x the first step's {start_loss:.3g}")
+        return f"training loss became {epoch_loss} in epoch {epoch}"
+    if not weights_finite:
+        return f"weights became non-finite in epoch {epoch}"
+    if start_loss is not None and epoch_loss > EXPLODED * start_loss > 0:
+        return (f"training loss exploded to {epoch_loss:.3g} in epoch {epoch}, over "
+                f"{EXPLODED:g}x the first step's {start_loss:.3g}")
+    return None
+
+
+def check_divergence(model: nn.Module, epoch_loss: float, start_loss: float, epoch: int) -> None:
+    """Raise Diverged when this epoch's training blew up."""
+    reason = divergence(epoch_loss, start_loss, all_finite(model), epoch)
+    if reason is not None:
+        raise Diverged(reason)
 
 
 def step_scheduler(scheduler, monitor_loss: float) -> None:

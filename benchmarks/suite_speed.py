@@ -176,7 +176,7 @@ def summarize_concurrent(name: str, n: int, threads: int, runs: list[dict]) -> d
 # ----------------------------------------------------------------------------- fused members
 
 def fused_available() -> bool:
-    """ablate.fused (N seeds trained as one stacked model) is being built separately; use it once there."""
+    """Whether ablate.fused (N seeds trained as one stacked model) and its benchmark are here."""
     return importlib.util.find_spec("ablate.fused") is not None and hasattr(throughput, "measure_fused")
 
 

@@ -105,6 +105,21 @@ def test_a_diverged_member_is_recorded_and_the_others_go_on(tmp_path, alone_ce, 
         assert_close(metrics(job.run_dir), alone_ce[seed])
 
 
+def test_a_member_whose_loss_explodes_diverges_as_it_would_alone(tmp_path, monkeypatch):
+    real = fused.train_stack_epoch
+
+    def explode_the_last_member(stack, *args, **kwargs):
+        out = real(stack, *args, **kwargs)
+        if stack.size == 3:  # finite, but far above its first step: loop.divergence's rule
+            out["loss"][2] = 20 * out["first_loss"][2]
+        return out
+
+    monkeypatch.setattr(fused, "train_stack_epoch", explode_the_last_member)
+    jobs = fused_jobs(tmp_path, CASES["ce-adam-cosine"], seeds=(0, 1, 7))
+    assert run_group(jobs) == ["completed", "completed", "diverged"]
+    assert "exploded" in RunRecord.load(jobs[2].run_dir).error
+
+
 @pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "optim").glob("*.yaml")))
 def test_one_optimizer_over_the_stack_equals_one_per_member(option):
     cfg = compose_cfg([f"optim={option}"])
