@@ -4,12 +4,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hydra.core.utils import JobReturn
@@ -22,13 +22,39 @@ log = logging.getLogger("ablate")
 FAILING = ("failed", "refused")  # outcomes that make a sweep exit 1
 
 
-@dataclass
-class JobOutcome:
-    """What the task function returns: completed | skipped | diverged | failed | refused."""
+class JobOutcome(float):
+    """What the task function returns: a job's validation accuracy, for sweepers that tune.
 
-    status: str
-    message: str = ""                  # the error or the reason for a refusal, one line
-    final_test_acc: float | None = None
+    As a number it is the run's best validation accuracy (NaN without a validation split or
+    when the run did not complete), never a test accuracy, so `hydra/sweeper=optuna` selects
+    on held-out training data. It also says how the job ended, for SweepSummary: `status` is
+    completed | skipped | diverged | failed | refused, `message` the error or the reason for a
+    refusal (one line).
+    """
+
+    def __new__(cls, status: str, message: str = "", final_test_acc: float | None = None,
+                val_acc: float | None = None):
+        outcome = super().__new__(cls, math.nan if val_acc is None else val_acc)
+        outcome.status, outcome.message = status, message
+        outcome.final_test_acc, outcome.val_acc = final_test_acc, val_acc
+        return outcome
+
+    @classmethod
+    def of(cls, record, status: str | None = None) -> JobOutcome:
+        """The outcome a RunRecord tells (its own status unless `status` says otherwise)."""
+        status = status or record.status
+        val = record.best_val_acc if status in ("completed", "skipped") else None
+        return cls(status, record.error or "", record.final_test_acc, val)
+
+    def __reduce__(self):  # launchers pickle it back from their workers
+        return JobOutcome, (self.status, self.message, self.final_test_acc, self.val_acc)
+
+    def __repr__(self) -> str:
+        return f"JobOutcome({self.status!r}, val_acc={self.val_acc})"
+
+    def report(self) -> dict:
+        return {"status": self.status, "message": self.message,
+                "final_test_acc": self.final_test_acc, "val_acc": self.val_acc}
 
 
 class SweepSummary(Callback):
@@ -54,7 +80,7 @@ class SweepSummary(Callback):
             outcome = JobOutcome("failed", f"{type(err).__name__}: {err}")
         if not isinstance(outcome, JobOutcome):
             outcome = JobOutcome("failed", f"the task returned {outcome!r}")
-        report = {"folder": Path(config.hydra.runtime.output_dir).name, **asdict(outcome)}
+        report = {"folder": Path(config.hydra.runtime.output_dir).name, **outcome.report()}
         write_atomic(self.reports / f"{config.hydra.job.num}.json", json.dumps(report) + "\n")
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:

@@ -10,12 +10,9 @@ from pathlib import Path
 
 import torch
 
-from ablate.record import replacing
+from ablate.record import BEST_WEIGHTS, CHECKPOINT_FILE, replacing
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_FILE = "checkpoint.pt"
-
 
 def atomic_torch_save(obj, path: Path) -> None:
     """torch.save to a temporary file, then rename (see record.replacing)."""
@@ -23,22 +20,6 @@ def atomic_torch_save(obj, path: Path) -> None:
     # RuntimeError from its C++ writer.
     with replacing(path) as tmp, open(tmp, "wb") as fh:
         torch.save(obj, fh)
-
-
-def save_checkpoint(run_dir: Path, *, identity: str, state, model, optimizer, scheduler, generator,
-                    device, swa=None, scaler=None) -> None:
-    atomic_torch_save({
-        "identity": identity,  # record.identity of the config: a run of another config never resumes it
-        "state": asdict(state),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "generator": generator.get_state(),
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "swa": swa.state_dict() if swa is not None else None,  # averaged model + SWALR
-        "scaler": scaler.state_dict() if scaler is not None else None,  # fp16 loss scale
-    }, Path(run_dir) / CHECKPOINT_FILE)
 
 
 def load_checkpoint(run_dir: Path) -> dict | None:
@@ -91,8 +72,8 @@ def seed_style_name(model, loss_fn, optimizer, scheduler, acc: float) -> str:
 
 
 def link_seed_name(run_dir: Path, model, loss_fn, optimizer, scheduler, acc: float | None) -> str | None:
-    """Give best_model.pth its seed-style name too (a hard link, or a copy where links fail)."""
-    best = Path(run_dir) / "best_model.pth"
+    """Give BEST_WEIGHTS its seed-style name too (a hard link, or a copy where links fail)."""
+    best = Path(run_dir) / BEST_WEIGHTS
     if acc is None or not best.exists():
         return None
     target = Path(run_dir) / seed_style_name(model, loss_fn, optimizer, scheduler, acc)

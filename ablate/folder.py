@@ -11,11 +11,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ablate.checkpoint import CHECKPOINT_FILE, peek_checkpoint
-from ablate.record import RESULT_FILE, differences, identity, write_atomic
-
-LOCK_FILE = ".lock"
-HYDRA_DIR = ".hydra"
+from ablate.checkpoint import peek_checkpoint
+from ablate.record import (CHECKPOINT_FILE, HYDRA_CONFIG, HYDRA_DIR, HYDRA_OVERRIDES, HYDRA_RUNTIME,
+                           LOCK_FILE, RESULT_FILE, differences, identity, write_atomic)
 
 
 class FolderRefused(Exception):
@@ -69,14 +67,14 @@ def stored_identities(run_dir: Path) -> dict[str, str]:
         found[CHECKPOINT_FILE] = ckpt.get("identity") or "unknown"
     config = stored_config(run_dir)
     if config is not None:
-        found[f"{HYDRA_DIR}/config.yaml"] = identity(config)
+        found[HYDRA_CONFIG] = identity(config)
     return {where: digest for where, digest in found.items() if digest}
 
 
 def stored_config(run_dir: Path) -> dict | None:
     """The resolved config .hydra/config.yaml holds, or None."""
     try:
-        return OmegaConf.to_container(OmegaConf.load(Path(run_dir) / HYDRA_DIR / "config.yaml"),
+        return OmegaConf.to_container(OmegaConf.load(Path(run_dir) / HYDRA_CONFIG),
                                       resolve=True)
     except Exception:  # absent, damaged, or unresolvable: it cannot say which config it was
         return None
@@ -106,12 +104,11 @@ def accept(run_dir: Path, cfg: DictConfig) -> None:
 def write_hydra(run_dir: Path, task_cfg: DictConfig, hydra_cfg: DictConfig, overrides) -> None:
     """Write .hydra/{config,hydra,overrides}.yaml as Hydra does, keeping any already there: they
     describe the run that made the folder (conf/config.yaml sets hydra.output_subdir: null)."""
-    out = Path(run_dir) / HYDRA_DIR
-    out.mkdir(exist_ok=True)
-    for name, cfg in (("config.yaml", task_cfg), ("hydra.yaml", hydra_cfg),
-                      ("overrides.yaml", overrides)):
-        if not (out / name).exists():
-            write_atomic(out / name, OmegaConf.to_yaml(cfg))
+    (Path(run_dir) / HYDRA_DIR).mkdir(exist_ok=True)
+    for name, cfg in ((HYDRA_CONFIG, task_cfg), (HYDRA_RUNTIME, hydra_cfg),
+                      (HYDRA_OVERRIDES, overrides)):
+        if not (Path(run_dir) / name).exists():
+            write_atomic(Path(run_dir) / name, OmegaConf.to_yaml(cfg))
 
 
 @contextlib.contextmanager

@@ -29,12 +29,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from ablate.checkpoint import (CHECKPOINT_FILE, atomic_torch_save, link_seed_name, load_checkpoint,
-                               save_finished)
+from ablate.checkpoint import atomic_torch_save, link_seed_name, load_checkpoint, save_finished
 from ablate.data import batches
-from ablate.loop import (BEST_WEIGHTS, STEPS_FILE, Diverged, FitState, Precision, append_steps,
-                         divergence, pick_precision, summarize)
-from ablate.record import RunRecord, identity, write_metrics
+from ablate.loop import Diverged, FitState, Precision, divergence, pick_precision, summarize
+from ablate.record import (BEST_WEIGHTS, CHECKPOINT_FILE, STEPS_FILE, RunRecord, identity,
+                           write_metrics)
+from ablate.savers import append_steps
 
 log = logging.getLogger("ablate")
 
@@ -292,6 +292,8 @@ def fusable(cfg: DictConfig) -> str | None:
         return "SWA averages and re-normalises one model"
     if cfg.get("probe"):
         return "the probe perturbs one model's weights"
+    if cfg.get("callbacks") or cfg.get("logger"):
+        return "callbacks and loggers hook into one model's loop"
     if cfg.get("compile"):
         return "compile=true"
     try:

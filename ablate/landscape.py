@@ -22,10 +22,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ablate.loop import STEPS_FILE  # the loop's per-step log; its length says where a resumed run starts
-from ablate.record import WriteError, write_atomic
+from ablate.loop import Callback, Loop
+from ablate.record import LANDSCAPE_FILE, WriteError, write_atomic
 
-LANDSCAPE_FILE = "landscape.csv"
 COLUMNS = ("step", "multiplier", "eta", "loss0", "loss", "grad_dist", "step_norm", "grad_norm")
 
 
@@ -33,8 +32,12 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
 
 
-class LandscapeProbe:
-    """A `before_step(inputs, targets)` hook (conf/probe/landscape.yaml) writing landscape.csv."""
+class LandscapeProbe(Callback):
+    """A loop callback (conf/probe/landscape.yaml) writing landscape.csv before every `every`-th step.
+
+    It counts its own steps; that count goes into the checkpoint, so a resumed run drops the
+    rows of the epoch it re-runs and probes the same steps as an uninterrupted one.
+    """
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
                  run_dir: Path, every: int = 50,
@@ -45,24 +48,27 @@ class LandscapeProbe:
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.every, self.multipliers = every, [float(m) for m in multipliers]
         self.path = Path(run_dir) / LANDSCAPE_FILE
-        self.step = self._resume_step(Path(run_dir))
+        self.step = 0
 
-    def _resume_step(self, run_dir: Path) -> int:
-        """A resumed run restarts after its last logged epoch; drop probe rows past that point."""
-        steps = run_dir / STEPS_FILE
-        start = max(len(steps.read_text().splitlines()) - 1, 0) if steps.exists() else 0
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+
+    def on_fit_start(self, loop: Loop) -> None:
+        """Keep the rows of the steps before this one (all of them on a fresh run: none)."""
         kept = []
         if self.path.exists():
             with open(self.path, newline="") as fh:
-                kept = [r for r in csv.DictReader(fh) if int(r["step"]) < start]
+                kept = [r for r in csv.DictReader(fh) if int(r["step"]) < self.step]
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(kept)
         write_atomic(self.path, buf.getvalue())
-        return start
 
-    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    def before_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         if self.step % self.every == 0:
             rows = self.probe(inputs, targets)
             try:

@@ -1,30 +1,26 @@
-"""The training loop: one epoch of training, evaluation, and `fit` over epochs with checkpoints."""
+"""The training loop: one epoch of training, evaluation, and `fit` over epochs, extended by callbacks.
+
+Everything `fit` does besides training and evaluating (the scheduler, metrics and the record,
+best weights, checkpoints, step losses, SWA, the landscape probe, loggers) is a Callback.
+"""
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Iterable
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from ablate.checkpoint import atomic_torch_save, load_checkpoint, save_checkpoint
 from ablate.data import ImageData, batches, num_batches
-from ablate.record import RunRecord, write_atomic, write_metrics
-
-if TYPE_CHECKING:
-    from ablate.swa import SWA  # which imports evaluate from here
+from ablate.record import RunRecord, write_metrics
 
 log = logging.getLogger(__name__)
-
-BEST_WEIGHTS = "best_model.pth"
-SWA_WEIGHTS = "swa_model.pth"
-STEPS_FILE = "steps.csv"
 
 
 class Diverged(RuntimeError):
@@ -71,11 +67,12 @@ def l1_penalty(model: nn.Module) -> torch.Tensor:
 def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn: nn.Module,
                     optimizer: torch.optim.Optimizer, batch_size: int, generator: torch.Generator,
                     l1_lambda: float = 0.0, grad_clip: float | None = None,
-                    precision: Precision = Precision(), step_losses: list | None = None,
-                    before_step: Callable | None = None, desc: str = "train") -> dict[str, float]:
+                    precision: Precision = Precision(), callbacks: Iterable[Callback] = (),
+                    desc: str = "train") -> dict[str, float]:
     """One pass over (x, y) with augmentation; returns mean data loss and accuracy, and the
     loss of the first step (the reference that divergence is judged against)."""
     model.train()
+    callbacks = list(callbacks)
     device = x.device
     total_loss = torch.zeros((), device=device)  # accumulated on the device: one sync per epoch
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -87,8 +84,8 @@ def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_
                  total=num_batches(len(y), batch_size, train=True), leave=False, disable=None)
     for inputs, targets in steps:
         inputs = precision.prepare(inputs)
-        if before_step is not None:
-            before_step(inputs, targets)
+        for cb in callbacks:
+            cb.before_step(inputs, targets)
         with precision.autocast(device):
             logits = model(inputs)
         loss = loss_fn(logits.float(), targets)
@@ -112,8 +109,8 @@ def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_
         total_loss += loss.detach() * len(targets)
         correct += (logits.argmax(1) == targets).sum()
         seen += len(targets)
-        if step_losses is not None:
-            step_losses.append(loss.detach())
+        for cb in callbacks:
+            cb.after_step(loss.detach())
     total, first = torch.stack([total_loss, first_loss]).tolist()  # the epoch's one sync
     return {"loss": total / seen, "first_loss": first, "acc": correct.item() / seen, "images": seen}
 
@@ -193,110 +190,178 @@ def summarize(rows: list[dict], record: RunRecord) -> None:
         record.test_acc_at_best_val = best_val["test_acc"]
 
 
-def fit(model: nn.Module, data: ImageData, *, loss_fn: nn.Module, optimizer, scheduler,
-        epochs: int, batch_size: int, seed: int, run_dir: Path, record: RunRecord,
-        l1_lambda: float = 0.0, grad_clip: float | None = None,
-        precision: Precision = Precision(), save_weights: bool = True,
-        log_steps: bool = False, before_step: Callable | None = None,
-        swa: SWA | None = None) -> FitState:
-    """Train for `epochs`, resuming from run_dir's checkpoint; writes metrics and checkpoints each epoch.
 
-    With log_steps, every step's training loss goes to steps.csv. `before_step(inputs, targets)`
-    runs before each optimizer step (e.g. a loss-landscape probe). Raises Diverged when the
-    training blows up (check_divergence). With `swa`, its averaged model is evaluated at the end
-    into record.extra (swa_test_acc, ...).
+
+class Callback:
+    """A door into `fit`: override the hooks you need (all are no-ops here).
+
+    Hooks run in the order of fit's `callbacks` mapping. `state_dict` goes into the run's
+    checkpoint under the callback's key, and `load_state_dict` gets it back on resume (before
+    `on_fit_start`), so a callback's own counters continue where the run stopped.
     """
-    device = data.train_x.device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    state = FitState()
-    ckpt = load_checkpoint(run_dir)
-    if ckpt is not None:
-        state = FitState(**ckpt["state"])
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(ckpt["scheduler"])
-        generator.set_state(ckpt["generator"])
-        if swa is not None and ckpt.get("swa") is not None:
-            swa.load_state_dict(ckpt["swa"])
-        if precision.scaler is not None and ckpt.get("scaler") is not None:
-            precision.scaler.load_state_dict(ckpt["scaler"])  # fp16's loss scale, as it was
+
+    def on_fit_start(self, loop: Loop) -> None:
+        """Once, after a resumed run's state is restored."""
+
+    def before_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """Before each training step's forward pass, on that step's batch."""
+
+    def after_step(self, loss: torch.Tensor) -> None:
+        """After each optimizer step, with the step's data loss (on the device: no sync)."""
+
+    def on_epoch_end(self, loop: Loop, row: dict) -> None:
+        """After each epoch, with its metrics.csv row (already in loop.state.rows)."""
+
+    def on_fit_end(self, loop: Loop) -> None:
+        """Once, after the last epoch (also when a resumed run had no epoch left)."""
+
+    def state_dict(self) -> dict | None:
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@dataclass
+class Recipe:
+    """How one training step runs (train_one_epoch's settings)."""
+
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    batch_size: int
+    l1_lambda: float = 0.0
+    grad_clip: float | None = None
+    precision: Precision = field(default_factory=Precision)
+
+
+@dataclass
+class Loop:
+    """What a callback sees of the running `fit`."""
+
+    model: nn.Module
+    data: ImageData
+    recipe: Recipe
+    run_dir: Path
+    record: RunRecord
+    callbacks: dict[str, Callback]
+    generator: torch.Generator
+    state: FitState = field(default_factory=FitState)
+
+    @property
+    def has_val(self) -> bool:
+        return len(self.data.val_y) > 0
+
+    def call(self, hook: str, *args) -> None:
+        for cb in self.callbacks.values():
+            getattr(cb, hook)(self, *args)
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue bit for bit (ablate.checkpoint's keys)."""
+        device = self.data.train_x.device
+        scaler = self.recipe.precision.scaler
+        return {"state": asdict(self.state), "model": self.model.state_dict(),
+                "optimizer": self.recipe.optimizer.state_dict(),
+                "generator": self.generator.get_state(), "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "scaler": scaler.state_dict() if scaler is not None else None,  # fp16 loss scale
+                **{key: cb.state_dict() for key, cb in self.callbacks.items()}}
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        self.state = FitState(**ckpt["state"])
+        self.model.load_state_dict(ckpt["model"])
+        self.recipe.optimizer.load_state_dict(ckpt["optimizer"])
+        self.generator.set_state(ckpt["generator"])
+        if self.recipe.precision.scaler is not None and ckpt.get("scaler") is not None:
+            self.recipe.precision.scaler.load_state_dict(ckpt["scaler"])  # fp16's loss scale, as it was
         torch.set_rng_state(ckpt["rng_cpu"])
+        device = self.data.train_x.device
         if device.type == "cuda" and ckpt.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
-        log.info("resuming %s after epoch %d", run_dir, state.epoch)
-    summarize(state.rows, record)  # a resumed run's record keeps the accuracies it had
-    record.save(run_dir)  # status "running"
-
-    has_val = len(data.val_y) > 0
-    best_key = "val_acc" if has_val else "test_acc"
-    best_so_far = max((r[best_key] for r in state.rows), default=-1.0)
-    for epoch in range(state.epoch + 1, epochs + 1):
-        lr = optimizer.param_groups[0]["lr"]
-        step_losses = [] if log_steps else None
-        start = time.perf_counter()
-        train = train_one_epoch(model, data.train_x, data.train_y, loss_fn=loss_fn,
-                                optimizer=optimizer, batch_size=batch_size, generator=generator,
-                                l1_lambda=l1_lambda, grad_clip=grad_clip, precision=precision,
-                                step_losses=step_losses, before_step=before_step,
-                                desc=f"epoch {epoch}/{epochs}")
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-        if state.start_loss is None:
-            state.start_loss = train["first_loss"]
-        check_divergence(model, train["loss"], state.start_loss, epoch)
-        test = evaluate(model, data.test_x, data.test_y, loss_fn=loss_fn, precision=precision)
-        val = evaluate(model, data.val_x, data.val_y, loss_fn=loss_fn, precision=precision) \
-            if has_val else {"loss": None, "acc": None}
-        if swa is not None and swa.covers(epoch):
-            swa.update(model)  # SWALR takes over from the run's scheduler
-        else:
-            step_scheduler(scheduler, val["loss"] if has_val else test["loss"])
-
-        row = dict(epoch=epoch, train_loss=train["loss"], train_acc=train["acc"],
-                   test_loss=test["loss"], test_acc=test["acc"], val_loss=val["loss"],
-                   val_acc=val["acc"], lr=lr, seconds=seconds)
-        state.rows.append(row)
-        state.epoch = epoch
-        state.train_seconds += seconds
-        state.train_images += train["images"]
-        if row[best_key] > best_so_far:
-            best_so_far = row[best_key]
-            if save_weights:
-                _save_weights(model, run_dir / BEST_WEIGHTS)
-        log.info("epoch %d/%d  train loss %.4f acc %.4f | test loss %.4f acc %.4f%s | lr %.3g | %.1fs",
-                 epoch, epochs, train["loss"], train["acc"], test["loss"], test["acc"],
-                 f" | val acc {val['acc']:.4f}" if has_val else "", lr, seconds)
-
-        write_metrics(state.rows, run_dir)
-        if log_steps:
-            append_steps(run_dir / STEPS_FILE, epoch, torch.stack(step_losses).tolist())
-        summarize(state.rows, record)
-        record.images_per_second = state.train_images / max(state.train_seconds, 1e-9)
-        record.save(run_dir)
-        save_checkpoint(run_dir, identity=record.config_hash, state=state, model=model,
-                        optimizer=optimizer, scheduler=scheduler, generator=generator,
-                        device=device, swa=swa, scaler=precision.scaler)
-    summarize(state.rows, record)  # also when resumed after the last epoch: the record is whole
-    record.images_per_second = state.train_images / max(state.train_seconds, 1e-9)
-    if swa is not None and state.epoch >= swa.start_epoch:
-        record.extra.update(swa.finish(data, batch_size=batch_size, loss_fn=loss_fn,
-                                       precision=precision))
-        if save_weights:
-            _save_weights(swa.averaged.module, run_dir / SWA_WEIGHTS)
-        record.save(run_dir)
-    return state
+        for key, cb in self.callbacks.items():  # after the optimizer: SWALR is rebuilt on it
+            if ckpt.get(key) is not None:
+                cb.load_state_dict(ckpt[key])
 
 
-def append_steps(path: Path, epoch: int, losses: list[float]) -> None:
-    """Append one epoch's per-step training losses (rewritten atomically, dropping a re-run epoch)."""
-    lines = path.read_text().splitlines()[1:] if path.exists() else []
-    lines = [ln for ln in lines if int(ln.split(",")[1]) < epoch]
-    first = len(lines)
-    lines += [f"{first + i},{epoch},{loss!r}" for i, loss in enumerate(losses)]
-    write_atomic(path, "step,epoch,loss\n" + "".join(ln + "\n" for ln in lines))
+def fit(model: nn.Module, data: ImageData, recipe: Recipe, *, epochs: int, seed: int,
+        run_dir: Path, record: RunRecord, callbacks: dict[str, Callback],
+        resume: dict | None = None) -> FitState:
+    """Train for `epochs` (continuing from the checkpoint `resume`); callbacks do the rest.
+
+    Raises Diverged when the training blows up (check_divergence).
+    """
+    generator = torch.Generator(device=data.train_x.device).manual_seed(seed)
+    loop = Loop(model, data, recipe, Path(run_dir), record, callbacks, generator)
+    if resume is not None:
+        loop.load_state_dict(resume)
+        log.info("resuming after epoch %d", loop.state.epoch)
+    loop.call("on_fit_start")
+    for epoch in range(loop.state.epoch + 1, epochs + 1):
+        row = run_epoch(loop, epoch, epochs)
+        loop.state.rows.append(row)
+        loop.state.epoch = epoch
+        loop.call("on_epoch_end", row)
+    loop.call("on_fit_end")
+    return loop.state
 
 
-def _save_weights(model: nn.Module, path: Path) -> None:
-    atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+def run_epoch(loop: Loop, epoch: int, epochs: int) -> dict:
+    """Train one epoch, check it, evaluate: the epoch's metrics.csv row."""
+    model, data, recipe, state = loop.model, loop.data, loop.recipe, loop.state
+    device = data.train_x.device
+    lr = recipe.optimizer.param_groups[0]["lr"]
+    start = time.perf_counter()
+    train = train_one_epoch(model, data.train_x, data.train_y, loss_fn=recipe.loss_fn,
+                            optimizer=recipe.optimizer, batch_size=recipe.batch_size,
+                            generator=loop.generator, l1_lambda=recipe.l1_lambda,
+                            grad_clip=recipe.grad_clip, precision=recipe.precision,
+                            callbacks=loop.callbacks.values(), desc=f"epoch {epoch}/{epochs}")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    if state.start_loss is None:
+        state.start_loss = train["first_loss"]
+    check_divergence(model, train["loss"], state.start_loss, epoch)
+    state.train_seconds += seconds
+    state.train_images += train["images"]
+    test = evaluate(model, data.test_x, data.test_y, loss_fn=recipe.loss_fn, precision=recipe.precision)
+    val = evaluate(model, data.val_x, data.val_y, loss_fn=recipe.loss_fn, precision=recipe.precision) \
+        if loop.has_val else {"loss": None, "acc": None}
+    log.info("epoch %d/%d  train loss %.4f acc %.4f | test loss %.4f acc %.4f%s | lr %.3g | %.1fs",
+             epoch, epochs, train["loss"], train["acc"], test["loss"], test["acc"],
+             f" | val acc {val['acc']:.4f}" if loop.has_val else "", lr, seconds)
+    return dict(epoch=epoch, train_loss=train["loss"], train_acc=train["acc"],
+                test_loss=test["loss"], test_acc=test["acc"], val_loss=val["loss"],
+                val_acc=val["acc"], lr=lr, seconds=seconds)
+
+
+class Schedule(Callback):
+    """Steps the run's scheduler after each epoch; ReduceLROnPlateau gets the loss it monitors."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    def on_epoch_end(self, loop: Loop, row: dict) -> None:
+        step_scheduler(self.scheduler, row["val_loss"] if loop.has_val else row["test_loss"])
+
+    def state_dict(self) -> dict | None:
+        return self.scheduler.state_dict() if self.scheduler is not None else None
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state)
+
+
+class Metrics(Callback):
+    """metrics.csv and result.json after every epoch: the record always says how far the run got."""
+
+    def on_fit_start(self, loop: Loop) -> None:
+        summarize(loop.state.rows, loop.record)  # a resumed run's record keeps the accuracies it had
+        loop.record.save(loop.run_dir)  # status "running"
+
+    def on_epoch_end(self, loop: Loop, row: dict) -> None:
+        write_metrics(loop.state.rows, loop.run_dir)
+        self.on_fit_end(loop)
+
+    def on_fit_end(self, loop: Loop) -> None:  # after SWA's entries, which come before in the callbacks
+        summarize(loop.state.rows, loop.record)
+        loop.record.images_per_second = loop.state.train_images / max(loop.state.train_seconds, 1e-9)
+        loop.record.save(loop.run_dir)

@@ -1,4 +1,5 @@
-"""The typed run record (result.json) and per-epoch metrics (metrics.csv), written atomically."""
+"""A run folder's files: their names (every one, here only), the typed run record (result.json)
+and per-epoch metrics (metrics.csv), written atomically. Torch-free: analysis/ reads through it."""
 from __future__ import annotations
 
 import contextlib
@@ -12,13 +13,28 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-RESULT_FILE = "result.json"
-METRICS_FILE = "metrics.csv"
+# The files of a run folder (beside the job's <job name>.log).
+HYDRA_DIR = ".hydra"                 # Hydra's record of the job, written by the run (ablate.folder)
+HYDRA_CONFIG = f"{HYDRA_DIR}/config.yaml"        # the composed config
+HYDRA_RUNTIME = f"{HYDRA_DIR}/hydra.yaml"        # Hydra's own: the group choices, the overrides
+HYDRA_OVERRIDES = f"{HYDRA_DIR}/overrides.yaml"  # the overrides as typed
+LOCK_FILE = ".lock"                  # held while a process works in the folder
+RESULT_FILE = "result.json"          # the RunRecord
+METRICS_FILE = "metrics.csv"         # one row per epoch
+CHECKPOINT_FILE = "checkpoint.pt"    # resume state; a few kilobytes once the run completed
+BEST_WEIGHTS = "best_model.pth"      # the best epoch's weights (plus a seed-style hard link)
+SWA_WEIGHTS = "swa_model.pth"        # the averaged model's weights (swa.start_epoch set)
+STEPS_FILE = "steps.csv"             # every step's training loss (log_steps: true)
+LANDSCAPE_FILE = "landscape.csv"     # the loss-landscape probe's rows (probe: landscape)
+TENSORBOARD_DIR = "tensorboard"      # event files (logger: tensorboard)
+# The per-run tables analysis stacks, by the frame name it gives them.
+CSV_FILES = {"metrics": METRICS_FILE, "steps": STEPS_FILE, "landscape": LANDSCAPE_FILE}
+SWEEP_FILE = "multirun.yaml"         # in a sweep folder (the run folders' parent), by Hydra
 # Keys that say where or how a run executes, not what it computes. They are recorded but kept
 # out of a run's identity: re-running a finished sweep with more threads or another launcher is
 # the same experiment (thread counts change CPU float rounding, which is noise, not a setting).
 OPERATIONAL_KEYS = ("device", "threads", "cuda_memory_fraction", "compile", "save_weights",
-                    "log_steps", "data.download")
+                    "log_steps", "logger", "data.download")
 
 
 def settings(config: dict) -> dict:
@@ -138,8 +154,10 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def write_metrics(rows: list[dict[str, Any]], run_dir: Path) -> None:
+    # Callbacks may add columns (e.g. grad_norm); they follow the standard ones.
+    extra = [k for k in (rows[0] if rows else {}) if k not in METRIC_COLUMNS]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=[*METRIC_COLUMNS, *extra], extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     write_atomic(Path(run_dir) / METRICS_FILE, buf.getvalue())

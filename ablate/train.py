@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -19,12 +20,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ablate.callbacks import JobOutcome
-from ablate.checkpoint import CHECKPOINT_FILE, link_seed_name, peek_checkpoint, save_finished
-from ablate.data import DataError
+from ablate.checkpoint import link_seed_name, load_checkpoint, peek_checkpoint, save_finished
+from ablate.data import DataError, ImageData
 from ablate.folder import FolderRefused, accept, locked, logging_to, write_hydra
-from ablate.loop import Diverged, fit, pick_precision
-from ablate.record import (METRICS_FILE, RESULT_FILE, RunRecord, WriteError, identity,
-                           write_metrics)
+from ablate.loop import (Callback, Diverged, FitState, Metrics, Recipe, Schedule, fit,
+                         pick_precision)
+from ablate.record import (CHECKPOINT_FILE, METRICS_FILE, RESULT_FILE, RunRecord, WriteError,
+                           identity, write_metrics)
+from ablate.savers import BestWeights, Checkpoint, StepLosses
 from ablate.validation import ConfigError, dry_run, out_of_memory, validate
 
 log = logging.getLogger("ablate")
@@ -125,57 +128,13 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str],
     if done is not None:
         log.info("%s is already completed (test acc %.4f); skipping", run_dir, done.final_test_acc)
         return done
-    previous = read_record(run_dir)
-
     device = pick_device(cfg.device, job_num)
-    if cfg.get("threads"):
-        torch.set_num_threads(cfg.threads)  # N concurrent jobs must not each take every core
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
-        if device.index is not None:
-            torch.cuda.set_device(device)  # keep this job's context and cuDNN handles off other GPUs
-        if cfg.get("cuda_memory_fraction"):  # of the current device; a job outgrowing it fails alone
-            torch.cuda.set_per_process_memory_fraction(float(cfg.cuda_memory_fraction))
-    record = RunRecord(choices=choices, overrides=overrides, seed=cfg.seed, epochs=cfg.epochs,
-                       device=str(device), torch_version=str(torch.__version__),
-                       git_commit=git_commit(), threads=torch.get_num_threads(),
-                       config_hash=identity(OmegaConf.to_container(cfg, resolve=True)),
-                       wall_seconds=previous.wall_seconds if previous else 0.0)
+    record = prepare(cfg, run_dir, choices, overrides, device)
     start = time.perf_counter()
+    state = None
     try:
-        torch.manual_seed(cfg.seed)
-        data = build(cfg, "data").to(device)
-        model = build(cfg, "model").to(device)
-        precision = pick_precision(cfg.precision, device)
-        if precision.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        if cfg.get("compile"):
-            model.compile()  # in place, so state_dict keys (checkpoints, best weights) do not change
-        loss_fn = build(cfg, "loss").to(device)
-        optimizer = build(cfg, "optim", model.parameters())
-        scheduler = build(cfg, "sched", optimizer)
-        dry_run(cfg, model, loss_fn, data)
-        record.params = sum(p.numel() for p in model.parameters())
-        record.scale, record.data_source = cfg.scale, data.source
-        record.train_images, record.val_images, record.test_images = \
-            len(data.train_y), len(data.val_y), len(data.test_y)
-        log.info("%s | %d params | %d train / %d test images from %s | %s", run_dir,
-                 record.params, len(data.train_y), len(data.test_y), data.source, device)
-        # An optional per-step hook, built from the config like everything else (see conf/probe/).
-        before_step = build(cfg, "probe", model=model, loss_fn=loss_fn, optimizer=optimizer,
-                            run_dir=run_dir) if cfg.get("probe") else None
-        # Off while swa.start_epoch is null; built after channels_last so its copy matches.
-        swa = build(cfg, "swa", model, optimizer) \
-            if cfg.get("swa") and cfg.swa.start_epoch is not None else None
-        state = fit(model, data, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
-                    epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, run_dir=run_dir,
-                    record=record, l1_lambda=cfg.l1_lambda, grad_clip=cfg.grad_clip,
-                    precision=precision, save_weights=cfg.save_weights, log_steps=cfg.log_steps,
-                    before_step=before_step, swa=swa)
-        record.status = "completed"
-        if cfg.save_weights:
-            record.weights_file = link_seed_name(run_dir, model, loss_fn, optimizer, scheduler,
-                                                 record.test_acc_at_best_val or record.best_test_acc)
+        parts = build_run(cfg, run_dir, device, record)
+        state = train(cfg, parts, record, run_dir)
     except Diverged as err:
         record.status, record.error = "diverged", str(err)
         log.warning("%s diverged: %s", run_dir, err)
@@ -194,6 +153,104 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str],
     if record.status == "completed":  # only now, with the completed record safely on disk
         save_finished(run_dir, identity=record.config_hash, state=state, record=record)
     return record
+
+
+def prepare(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str],
+            device: torch.device) -> RunRecord:
+    """Set up the process for `device` and start the run's record (its identity included)."""
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg.threads)  # N concurrent jobs must not each take every core
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+        if device.index is not None:
+            torch.cuda.set_device(device)  # keep this job's context and cuDNN handles off other GPUs
+        if cfg.get("cuda_memory_fraction"):  # of the current device; a job outgrowing it fails alone
+            torch.cuda.set_per_process_memory_fraction(float(cfg.cuda_memory_fraction))
+    previous = read_record(run_dir)
+    return RunRecord(choices=choices, overrides=overrides, seed=cfg.seed, epochs=cfg.epochs,
+                     device=str(device), torch_version=str(torch.__version__),
+                     git_commit=git_commit(), threads=torch.get_num_threads(),
+                     config_hash=identity(OmegaConf.to_container(cfg, resolve=True)),
+                     wall_seconds=previous.wall_seconds if previous else 0.0)
+
+
+@dataclass
+class Parts:
+    """What build_run makes from the config."""
+
+    model: torch.nn.Module
+    data: ImageData
+    recipe: Recipe
+    scheduler: object
+    callbacks: dict[str, Callback]
+
+
+def build_run(cfg: DictConfig, run_dir: Path, device: torch.device, record: RunRecord) -> Parts:
+    """Data, model, loss, optimizer, scheduler and the loop's callbacks, checked by a dry run."""
+    torch.manual_seed(cfg.seed)
+    data = build(cfg, "data").to(device)
+    model = build(cfg, "model").to(device)
+    precision = pick_precision(cfg.precision, device)
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.get("compile"):
+        model.compile()  # in place, so state_dict keys (checkpoints, best weights) do not change
+    loss_fn = build(cfg, "loss").to(device)
+    optimizer = build(cfg, "optim", model.parameters())
+    scheduler = build(cfg, "sched", optimizer)
+    dry_run(cfg, model, loss_fn, data)
+    record.params = sum(p.numel() for p in model.parameters())
+    record.scale, record.data_source = cfg.scale, data.source
+    record.train_images, record.val_images, record.test_images = \
+        len(data.train_y), len(data.val_y), len(data.test_y)
+    log.info("%s | %d params | %d train / %d test images from %s | %s", run_dir,
+             record.params, len(data.train_y), len(data.test_y), data.source, device)
+    recipe = Recipe(loss_fn, optimizer, cfg.batch_size, cfg.l1_lambda, cfg.grad_clip, precision)
+    return Parts(model, data, recipe, scheduler,
+                 build_callbacks(cfg, run_dir, model, recipe, scheduler))
+
+
+# The loop's own checkpoint keys and the built-in callbacks' names.
+RESERVED = ("identity", "state", "model", "optimizer", "generator", "rng_cpu", "rng_cuda", "scaler",
+            "scheduler", "swa", "best_weights", "steps", "probe", "logger", "metrics", "checkpoint")
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path, model, recipe: Recipe,
+                    scheduler) -> dict[str, Callback]:
+    """The loop's callbacks in the order they run; their keys name their state in the checkpoint."""
+    callbacks: dict[str, Callback] = {"scheduler": Schedule(scheduler)}
+    if cfg.get("swa") and cfg.swa.start_epoch is not None:
+        # SWALR takes over from the run's scheduler; built after channels_last so its copy matches.
+        callbacks = {"swa": build(cfg, "swa", model, recipe.optimizer, schedule=callbacks["scheduler"],
+                                  save_weights=cfg.save_weights)}
+    if cfg.save_weights:
+        callbacks["best_weights"] = BestWeights()
+    if cfg.log_steps:
+        callbacks["steps"] = StepLosses()
+    if cfg.get("probe"):  # see conf/probe/
+        callbacks["probe"] = build(cfg, "probe", model=model, loss_fn=recipe.loss_fn,
+                                   optimizer=recipe.optimizer, run_dir=run_dir)
+    for key in cfg.get("callbacks") or {}:  # see conf/callbacks/
+        if key in (*callbacks, *RESERVED):  # its state would overwrite another's in the checkpoint
+            raise ConfigError(f"callbacks.{key}: the name is taken; call the callback otherwise")
+        callbacks[key] = build(cfg.callbacks, key)
+    if cfg.get("logger"):  # see conf/logger/; after the callbacks, so it shows their columns
+        callbacks["logger"] = build(cfg, "logger")
+    callbacks["metrics"] = Metrics()  # after SWA's and the loggers' entries in the record
+    callbacks["checkpoint"] = Checkpoint()  # last: it saves what all the others did
+    return callbacks
+
+
+def train(cfg: DictConfig, parts: Parts, record: RunRecord, run_dir: Path) -> FitState:
+    """Run the loop (resuming from run_dir's checkpoint); the record says completed at the end."""
+    state = fit(parts.model, parts.data, parts.recipe, epochs=cfg.epochs, seed=cfg.seed,
+                run_dir=run_dir, record=record, callbacks=parts.callbacks, resume=load_checkpoint(run_dir))
+    record.status = "completed"
+    if cfg.save_weights:
+        record.weights_file = link_seed_name(run_dir, parts.model, parts.recipe.loss_fn,
+                                             parts.recipe.optimizer, parts.scheduler,
+                                             record.test_acc_at_best_val or record.best_test_acc)
+    return state
 
 
 def _record_failure(run_dir: Path, choices: dict, overrides: list[str], err: BaseException) -> None:
@@ -239,15 +296,15 @@ def main(cfg: DictConfig) -> JobOutcome:
 def _run_job(cfg: DictConfig, hc, run_dir: Path, in_sweep: bool) -> JobOutcome:
     """run() in an accepted folder; in a sweep every failure is recorded and the sweep goes on."""
     choices = {k: v for k, v in OmegaConf.to_container(hc.runtime.choices).items()
-               if not k.startswith("hydra") and v is not None}
+               if not k.startswith("hydra") and k != "logger" and v is not None}
     overrides = list(hc.overrides.task)
     try:
         done = finished_record(run_dir)
         if done is not None:
             log.info("%s is already completed (test acc %.4f); skipping", run_dir, done.final_test_acc)
-            return JobOutcome("skipped", final_test_acc=done.final_test_acc)
-        record = run(cfg, run_dir, choices, overrides, job_num=hc.job.num if in_sweep else None)
-        return JobOutcome(record.status, record.error or "", record.final_test_acc)
+            return JobOutcome.of(done, "skipped")
+        return JobOutcome.of(run(cfg, run_dir, choices, overrides,
+                                 job_num=hc.job.num if in_sweep else None))
     except Interrupted as err:
         log.error("interrupted by %s; the last finished epoch is saved in %s: run the same command "
                   "again to resume", err, run_dir)

@@ -15,7 +15,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from ablate.record import identity
+from ablate.record import (CSV_FILES, HYDRA_CONFIG, HYDRA_RUNTIME, RESULT_FILE, SWEEP_FILE,
+                           identity)
 
 STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
 # result.json fields analysis computes with, and the type each must have when present
@@ -37,7 +38,7 @@ def find_run_dirs(root: Path) -> list[Path]:
     """Every directory under `root` that Hydra ran a job in (it holds .hydra/config.yaml)."""
     found = []
     for here, dirs, _ in os.walk(root):
-        if (Path(here) / ".hydra" / "config.yaml").exists():
+        if (Path(here) / HYDRA_CONFIG).exists():
             found.append(Path(here))
             dirs[:] = []  # a run directory holds no other runs
         else:
@@ -89,7 +90,7 @@ def _position(row: dict, orders: dict) -> tuple:
     """Where a run's values come in its sweep's lists: job folders are named, not numbered, so
     this keeps table rows in the order typed (of the sweep that last wrote multirun.yaml)."""
     if row["sweep"] not in orders:
-        orders[row["sweep"]] = sweep_order(Path(row["sweep"]) / "multirun.yaml")
+        orders[row["sweep"]] = sweep_order(Path(row["sweep"]) / SWEEP_FILE)
     return tuple(values.index(row["overrides"].get(key)) if row["overrides"].get(key) in values
                  else len(values) for key, values in orders[row["sweep"]].items())
 
@@ -107,24 +108,24 @@ def _yaml(path: Path) -> dict:
 
 def read_hydra(run_dir: Path) -> dict:
     """The group choices and the overrides the user typed, from .hydra/hydra.yaml."""
-    hydra = _yaml(run_dir / ".hydra" / "hydra.yaml").get("hydra")
+    hydra = _yaml(run_dir / HYDRA_RUNTIME).get("hydra")
     try:
         choices, task = hydra["runtime"]["choices"] or {}, hydra["overrides"]["task"] or []
     except (TypeError, KeyError) as err:
-        raise Unreadable(f".hydra/hydra.yaml: no hydra.runtime.choices or hydra.overrides.task ({err})") from None
+        raise Unreadable(f"{HYDRA_RUNTIME}: no hydra.runtime.choices or hydra.overrides.task ({err})") from None
     if not isinstance(choices, dict) or not all(isinstance(o, str) for o in task):
-        raise Unreadable(".hydra/hydra.yaml: choices is not a mapping or overrides not strings")
+        raise Unreadable(f"{HYDRA_RUNTIME}: choices is not a mapping or overrides not strings")
     return {"choices": {k: str(v) for k, v in choices.items() if not k.startswith("hydra") and v is not None},
             "overrides": dict(parse_override(o) for o in task)}
 
 
 def read_config(run_dir: Path) -> dict:
     """The run's resolved config, flattened, and its identity (what makes two runs copies)."""
-    _yaml(run_dir / ".hydra" / "config.yaml")  # a readable mapping, or Unreadable
+    _yaml(run_dir / HYDRA_CONFIG)  # a readable mapping, or Unreadable
     try:  # OmegaConf raises many error types on what plain YAML accepts
-        cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+        cfg = OmegaConf.load(run_dir / HYDRA_CONFIG)
     except Exception as err:
-        raise Unreadable(f".hydra/config.yaml: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+        raise Unreadable(f"{HYDRA_CONFIG}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
     try:
         tree = OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # an interpolation only Hydra could resolve: compare as written
@@ -138,23 +139,23 @@ def _is_number(v) -> bool:
 
 def read_result(run_dir: Path) -> dict | None:
     """result.json checked field by field; None when there is none (the run never got going)."""
-    path = run_dir / "result.json"
+    path = run_dir / RESULT_FILE
     if not path.exists():
         return None
     try:
         record = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise Unreadable(f"result.json: not valid JSON ({err})") from None
+        raise Unreadable(f"{RESULT_FILE}: not valid JSON ({err})") from None
     if not isinstance(record, dict):
-        raise Unreadable(f"result.json: holds a JSON {type(record).__name__}, not an object")
+        raise Unreadable(f"{RESULT_FILE}: holds a JSON {type(record).__name__}, not an object")
     if record.get("status") not in STATUSES:
-        raise Unreadable(f"result.json: status {record.get('status')!r} is none of {', '.join(STATUSES)}")
+        raise Unreadable(f"{RESULT_FILE}: status {record.get('status')!r} is none of {', '.join(STATUSES)}")
     for key in NUMBERS:
         if record.get(key) is not None and not _is_number(record[key]):
-            raise Unreadable(f"result.json: {key} is {record[key]!r}, not a number")
+            raise Unreadable(f"{RESULT_FILE}: {key} is {record[key]!r}, not a number")
     for key in MAPPINGS:
         if record.get(key) is not None and not isinstance(record[key], dict):
-            raise Unreadable(f"result.json: {key} is a {type(record[key]).__name__}, not a mapping")
+            raise Unreadable(f"{RESULT_FILE}: {key} is a {type(record[key]).__name__}, not a mapping")
     return record
 
 
@@ -186,7 +187,7 @@ def usable_accuracy(record: dict) -> tuple[float, str]:
 
 def load_run(run_dir: Path, root: Path, csvs: tuple[str, ...] = ("metrics",)) -> tuple[dict, dict]:
     """One run's row and its CSV frames; a damaged file makes the row `unreadable`, never an exception."""
-    multirun = (run_dir.parent / "multirun.yaml").exists()
+    multirun = (run_dir.parent / SWEEP_FILE).exists()
     row: dict = {"run_dir": str(run_dir), "status": "unfinished", "error": None,
                  "choices": {}, "overrides": {}, "config": {},
                  # a sweep is the folder Hydra wrote multirun.yaml into; single runs form one group
@@ -198,12 +199,12 @@ def load_run(run_dir: Path, root: Path, csvs: tuple[str, ...] = ("metrics",)) ->
         row["seed"] = row["config"].get("seed")
         record = read_result(run_dir)
         for name in csvs:
-            frames[name] = read_csv(run_dir / f"{name}.csv")
+            frames[name] = read_csv(run_dir / CSV_FILES[name])
     except Unreadable as err:
         row.update(status="unreadable", error=str(err))
         return row, {}
     if record is None:
-        row["error"] = "no result.json (never started, still starting, or killed)"
+        row["error"] = f"no {RESULT_FILE} (never started, still starting, or killed)"
         return row, frames
     row.update({k: record.get(k) for k in ("status", "error", *FROM_RECORD)})
     row["acc"], row["metric"] = usable_accuracy(record)

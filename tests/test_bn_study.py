@@ -122,15 +122,16 @@ def test_probe_measures_the_loss_and_gradient_at_w_minus_eta_g(tmp_path):
     assert row["step_norm"] == pytest.approx(0.1 * gnorm.item(), rel=1e-5)
 
 
-def test_probe_resume_drops_rows_of_the_rerun_epoch(tmp_path):
-    (tmp_path / "steps.csv").write_text("step,epoch,loss\n0,1,2.3\n1,1,2.2\n2,1,2.1\n")
+def test_probe_resume_drops_rows_from_its_own_step_on(tmp_path):
     (tmp_path / "landscape.csv").write_text(
         "step,multiplier,eta,loss0,loss,grad_dist,step_norm,grad_norm\n"
         "0,1,0.1,2,2,1,1,1\n2,1,0.1,2,2,1,1,1\n4,1,0.1,2,2,1,1,1\n")
     model = tiny_vgg()
     probe = LandscapeProbe(model, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1),
                            tmp_path, every=2)
-    assert probe.step == 3
+    probe.load_state_dict({"step": 3})  # what the checkpoint of a run stopped after step 2 holds
+    probe.on_fit_start(loop=None)
+    assert probe.state_dict() == {"step": 3}
     assert pd.read_csv(tmp_path / "landscape.csv")["step"].tolist() == [0, 2]
 
 
@@ -154,6 +155,36 @@ def test_a_run_with_the_probe_trains_exactly_like_one_without(tmp_path):
     pd.testing.assert_frame_equal(s1, s2, check_exact=True)
     landscape = pd.read_csv(tmp_path / "probe" / "landscape.csv")
     assert sorted(landscape["step"].unique()) == s2["step"].tolist()  # every=1: every step probed
+
+
+@pytest.mark.parametrize("log_steps", [True, False])
+def test_a_resumed_probe_keeps_every_landscape_row(tmp_path, monkeypatch, log_steps):
+    import ablate.loop
+    from ablate.train import Interrupted
+
+    cfg = ["+experiment=bn_santurkar", "model=vgg_a_bn", "probe.every=3", *TINY, "epochs=3",
+           f"log_steps={str(log_steps).lower()}"]
+    for d in ("whole", "cut"):
+        (tmp_path / d).mkdir()
+    run(compose_tiny(cfg), tmp_path / "whole", {}, [])
+    original, calls = ablate.loop.train_one_epoch, []
+
+    def stopped_in_epoch_3(*args, **kwargs):  # as SIGTERM's handler does: epoch 2 is checkpointed
+        calls.append(kwargs["desc"])
+        if len(calls) == 3:
+            original(*args, **kwargs)  # epoch 3's probe rows are written, then the run stops
+            raise Interrupted("SIGTERM")
+        return original(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ablate.loop, "train_one_epoch", stopped_in_epoch_3)
+        with pytest.raises(Interrupted):
+            run(compose_tiny(cfg), tmp_path / "cut", {}, [])
+    assert run(compose_tiny(cfg), tmp_path / "cut", {}, []).status == "completed"
+    whole, cut = (pd.read_csv(tmp_path / d / "landscape.csv") for d in ("whole", "cut"))
+    assert sorted(whole["step"].unique()) == [0, 3, 6, 9]  # 4 steps per epoch, 3 epochs
+    pd.testing.assert_frame_equal(whole, cut, check_exact=True)
+    assert (tmp_path / "cut" / "steps.csv").exists() == log_steps
 
 
 # ----------------------------------------------------------------------------- end to end

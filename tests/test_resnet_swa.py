@@ -14,10 +14,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 import ablate.loop
-from ablate.checkpoint import CHECKPOINT_FILE
 from ablate.data import batches
-from ablate.loop import BEST_WEIGHTS, SWA_WEIGHTS
-from ablate.record import RunRecord
+from ablate.record import BEST_WEIGHTS, CHECKPOINT_FILE, SWA_WEIGHTS, RunRecord
 from ablate.train import Interrupted, run
 from ablate.validation import ConfigError, validate
 

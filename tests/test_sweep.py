@@ -8,7 +8,7 @@ import time
 
 import pandas as pd
 
-from conftest import REPO, TINY, run_script
+from conftest import REPO, TINY, compose_cfg, run_script
 
 
 def records(sweep_dir):
@@ -98,3 +98,39 @@ def test_adding_seeds_trains_only_the_new_ones_also_through_submitit(tmp_path):
     assert {r["seed"] for r in recs.values()} == {0, 1, 2}
     assert all(r["status"] == "completed" for r in recs.values())
     assert all((sweep / name / ".hydra" / "config.yaml").exists() for name in recs)
+
+
+def _job(cfg, run_dir):
+    """train._run_job as a sweep runs it: what the launcher hands back to the sweeper."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from ablate.train import _run_job
+
+    hc = SimpleNamespace(runtime=SimpleNamespace(choices=OmegaConf.create({})),
+                         overrides=SimpleNamespace(task=[]), job=SimpleNamespace(num=0))
+    run_dir.mkdir(exist_ok=True)  # Hydra makes it
+    return _run_job(cfg, hc, run_dir, in_sweep=True)
+
+
+def test_the_task_function_returns_validation_accuracy_for_sweepers(tmp_path):
+    import math
+    import pickle
+
+    from ablate.record import RunRecord
+
+    cfg = compose_cfg([*TINY, "data.val_size=100", "device=cpu", "save_weights=false"])
+    outcome = _job(cfg, tmp_path / "val")
+    record = RunRecord.load(tmp_path / "val")
+    assert outcome.status == "completed" and float(outcome) == record.best_val_acc
+    assert record.best_val_acc != record.final_test_acc  # (so the check below means something)
+    assert outcome + 0 == record.best_val_acc  # a sweeper's arithmetic sees the number
+    back = pickle.loads(pickle.dumps(outcome))  # as joblib/submitit workers send it
+    assert (back.status, float(back), back.final_test_acc) == ("completed", float(outcome),
+                                                               record.final_test_acc)
+    again = _job(cfg, tmp_path / "val")  # already done: skipped, same number
+    assert again.status == "skipped" and float(again) == float(outcome)
+
+    no_val = _job(compose_cfg([*TINY, "device=cpu", "save_weights=false"]), tmp_path / "no_val")
+    assert no_val.status == "completed" and math.isnan(no_val)  # never the test accuracy

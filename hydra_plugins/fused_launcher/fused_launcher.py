@@ -169,8 +169,7 @@ class FusedLauncher(Launcher):
                 statuses = run_group([entries[k][0] for k in accepted])
             for k, status in zip(accepted, statuses):
                 record = read_record(entries[k][0].run_dir)
-                outcomes[k] = JobOutcome(status, (record.error or "") if record else "",
-                                         record.final_test_acc if record else None)
+                outcomes[k] = JobOutcome.of(record, status) if record else JobOutcome(status)
         except Interrupted as err:
             log.error("interrupted by %s; each job's last finished epoch is saved: run the same "
                       "command again to resume", err)
