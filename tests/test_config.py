@@ -1,6 +1,5 @@
 """Every option of every config group composes, instantiates and works; bad input fails clearly."""
 import re
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """The seed report's configurations as presets, its tables as one-command sweeps, and the
 reproduction report."""
-import json
 import re
 
 import pandas as pd
@@ -69,7 +68,7 @@ def test_every_table_is_one_command_with_seeds_ci_and_a_reproduction_report(tmp_
         run_script("ablate/train.py", "-m", f"+ablation={table}", *tiny,
                    f"hydra.sweep.dir={tmp_path / table}")
     out = tmp_path / "tables"
-    proc = run_script("analysis/make_tables.py", "--root", str(tmp_path), "--out", str(out))
+    run_script("analysis/make_tables.py", "--root", str(tmp_path), "--out", str(out))
     for table, (header, rows) in TABLES.items():
         md = (out / "tables.md").read_text().split(f"### {tmp_path / table} — ")[1].split("\n#")[0]
         lines = [ln for ln in md.splitlines() if ln.startswith("|")]
