@@ -446,6 +446,7 @@ def train_stack(jobs: list[Job], ckpts: list[dict | None]) -> list[RunRecord]:
         previous = read_record(job.run_dir)
         records.append(RunRecord(choices=job.choices, overrides=job.overrides, seed=job.cfg.seed,
                                  epochs=cfg.epochs, device=str(device),
+                                 precision=pick_precision(cfg.precision, device).name,
                                  torch_version=str(torch.__version__), git_commit=git_commit(),
                                  threads=torch.get_num_threads(),
                                  config_hash=identity(OmegaConf.to_container(job.cfg, resolve=True)),

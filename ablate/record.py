@@ -102,6 +102,7 @@ class RunRecord:
     scale: float = 1.0               # the epochs multiplier of a quick look (1.0 = as configured)
     weights_file: str | None = None  # best weights under the seed report's naming
     device: str = ""
+    precision: str = ""              # what the run computes in: fp32 | bf16 | fp16 (auto resolved)
     torch_version: str = ""
     git_commit: str | None = None
     threads: int | None = None       # CPU threads used (recorded, not part of the identity)

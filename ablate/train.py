@@ -17,14 +17,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from ablate.callbacks import JobOutcome
 from ablate.checkpoint import link_seed_name, load_checkpoint, peek_checkpoint, save_finished
 from ablate.data import DataError, ImageData
 from ablate.folder import FolderRefused, accept, locked, logging_to, write_hydra
 from ablate.loop import (Callback, Diverged, FitState, Metrics, Recipe, Schedule, fit,
-                         pick_precision)
+                         pick_precision, resolve_precision)
 from ablate.record import (CHECKPOINT_FILE, METRICS_FILE, RESULT_FILE, RunRecord, WriteError,
                            identity, write_metrics)
 from ablate.savers import BestWeights, Checkpoint, StepLosses
@@ -64,6 +64,20 @@ def pick_device(name: str, job_num: int | None = None) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} but CUDA is not available here; use device=cpu or auto")
     return torch.device(name)
+
+
+def settle_precision(cfg: DictConfig, job_num: int | None = None) -> None:
+    """Write what precision=auto means on this machine into cfg (bf16, fp16 or fp32), before the
+    folder is accepted: its identity, .hydra/config.yaml and the tables then name the precision
+    the run computes in, and a bf16 run is never resumed or pooled as an fp32 one."""
+    if cfg.get("precision") != "auto":
+        return
+    try:
+        device = pick_device(cfg.device, job_num)
+    except ConfigError:
+        return  # run() reports it
+    with read_write(cfg), open_dict(cfg):
+        cfg.precision = resolve_precision("auto", device)
 
 
 def build(cfg: DictConfig, key: str, *args, **kwargs):
@@ -191,6 +205,7 @@ def build_run(cfg: DictConfig, run_dir: Path, device: torch.device, record: RunR
     data = build(cfg, "data").to(device)
     model = build(cfg, "model").to(device)
     precision = pick_precision(cfg.precision, device)
+    record.precision = precision.name
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.get("compile"):
@@ -203,8 +218,9 @@ def build_run(cfg: DictConfig, run_dir: Path, device: torch.device, record: RunR
     record.scale, record.data_source = cfg.scale, data.source
     record.train_images, record.val_images, record.test_images = \
         len(data.train_y), len(data.val_y), len(data.test_y)
-    log.info("%s | %d params | %d train / %d test images from %s | %s", run_dir,
-             record.params, len(data.train_y), len(data.test_y), data.source, device)
+    log.info("%s | %d params | %d train / %d test images from %s | %s, %s%s", run_dir,
+             record.params, len(data.train_y), len(data.test_y), data.source, device,
+             precision.name, ", channels_last" if precision.channels_last else "")
     recipe = Recipe(loss_fn, optimizer, cfg.batch_size, cfg.l1_lambda, cfg.grad_clip, precision)
     return Parts(model, data, recipe, scheduler,
                  build_callbacks(cfg, run_dir, model, recipe, scheduler))
@@ -269,6 +285,7 @@ def main(cfg: DictConfig) -> JobOutcome:
     handlers = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         with locked(run_dir):
+            settle_precision(cfg, hc.job.num if in_sweep else None)
             accept(run_dir, cfg)
             # Only now is anything written: the folder is this run's, and this config's.
             write_hydra(run_dir, cfg, HydraConfig.instance().cfg, hc.overrides.task)

@@ -128,12 +128,13 @@ class FusedLauncher(Launcher):
         from ablate.callbacks import JobOutcome
         from ablate.folder import FolderRefused, accept, locked, logging_to, write_hydra
         from ablate.fused import Job, run_group
-        from ablate.train import Interrupted, _raise_interrupted, read_record
+        from ablate.train import Interrupted, _raise_interrupted, read_record, settle_precision
 
         entries = []  # (job, Hydra's config of the job, its task overrides, job name)
 
         def enlist(cfg: DictConfig) -> JobOutcome:  # the task function of the set-up pass
             hc = HydraConfig.get()
+            settle_precision(cfg, hc.job.num)
             choices = {k: v for k, v in OmegaConf.to_container(hc.runtime.choices).items()
                        if not k.startswith("hydra") and v is not None}
             job = Job(cfg, Path(hc.runtime.output_dir), choices, list(hc.overrides.task),

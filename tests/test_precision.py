@@ -1,0 +1,82 @@
+"""precision=auto on a CPU: bf16 where the CPU has bf16 instructions, fp32 elsewhere; the run
+records what it computed in, and a bf16 run trains and resumes bit for bit as an fp32 one does."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+import ablate.loop
+from ablate.loop import pick_precision, resolve_precision
+from ablate.record import CHECKPOINT_FILE, RESULT_FILE, RunRecord
+from ablate.train import Interrupted, run, settle_precision
+from conftest import compose_cfg
+
+CPU = torch.device("cpu")
+# bf16 is emulated (slow) on CPUs without bf16 instructions: keep the network tiny.
+TINY_BF16 = ["data=synthetic", "data.train_size=256", "data.test_size=128", "epochs=3",
+             "model.filters=[4,8,16]", "batch_size=64", "save_weights=false"]
+
+
+@pytest.mark.parametrize("has_bf16, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_on_a_cpu_follows_its_bf16_instructions(monkeypatch, has_bf16, expected):
+    monkeypatch.setattr(ablate.loop, "cpu_computes_bf16", lambda: has_bf16)
+    assert resolve_precision("auto", CPU) == expected
+    p = pick_precision("auto", CPU)
+    assert p.name == expected and p.channels_last and p.scaler is None
+    assert p.autocast_dtype == (torch.bfloat16 if has_bf16 else None)
+    # an explicit choice is kept whatever the CPU has
+    assert pick_precision("fp32", CPU).autocast_dtype is None
+    assert pick_precision("bf16", CPU).autocast_dtype == torch.bfloat16
+
+
+def test_the_config_names_the_resolved_precision_before_the_folder_is_judged(monkeypatch):
+    for has_bf16, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(ablate.loop, "cpu_computes_bf16", lambda: has_bf16)
+        cfg = compose_cfg(["device=cpu"])
+        settle_precision(cfg)
+        assert cfg.precision == expected  # what .hydra/config.yaml and the identity then hold
+    cfg = compose_cfg(["device=cpu", "precision=fp16"])
+    settle_precision(cfg)
+    assert cfg.precision == "fp16"
+
+
+def _rows(run_dir):
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    for row in rows:
+        row.pop("seconds")
+    return rows
+
+
+def test_a_bf16_run_learns_records_bf16_and_resumes_bit_for_bit(tmp_path, monkeypatch):
+    cfg = compose_cfg([*TINY_BF16, "precision=bf16", "device=cpu"])
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    whole.mkdir(), parts.mkdir()
+    record = run(cfg, whole, {}, [])
+    assert record.status == "completed" and record.precision == "bf16"
+    assert json.loads((whole / RESULT_FILE).read_text())["precision"] == "bf16"
+    losses = [float(r["train_loss"]) for r in _rows(whole)]
+    assert all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0]
+    assert record.final_test_acc > 0.2  # chance is 0.1
+
+    # Stopped inside epoch 2, as SIGTERM's handler does, then run again: the same rows, exactly.
+    calls, stop, original = [], ["epoch 2/3"], ablate.loop.train_one_epoch
+
+    def train_one_epoch(*args, **kwargs):
+        calls.append(kwargs["desc"])
+        if kwargs["desc"] in stop:
+            stop.clear()
+            raise Interrupted("SIGTERM")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ablate.loop, "train_one_epoch", train_one_epoch)
+    with pytest.raises(Interrupted):
+        run(cfg, parts, {}, [])
+    assert torch.load(parts / CHECKPOINT_FILE, weights_only=True)["state"]["epoch"] == 1
+    calls.clear()
+    assert run(cfg, parts, {}, []).status == "completed"
+    assert calls == ["epoch 2/3", "epoch 3/3"]  # resumed, not restarted
+    assert _rows(parts) == _rows(whole)
+    assert RunRecord.load(parts).final_test_acc == record.final_test_acc
