@@ -155,8 +155,9 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def write_metrics(rows: list[dict[str, Any]], run_dir: Path) -> None:
-    # Callbacks may add columns (e.g. grad_norm); they follow the standard ones.
-    extra = [k for k in (rows[0] if rows else {}) if k not in METRIC_COLUMNS]
+    """Write the per-epoch rows as metrics.csv: the standard columns, then every column a
+    callback added (e.g. grad_norm) in the order they first appear, from whichever epoch on."""
+    extra = list(dict.fromkeys(k for row in rows for k in row if k not in METRIC_COLUMNS))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=[*METRIC_COLUMNS, *extra], extrasaction="ignore")
     writer.writeheader()
