@@ -13,12 +13,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from ablate.data import ImageData, batches, num_batches
-from ablate.record import RunRecord, write_metrics
+from ablate.record import RunRecord, from_fields, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +259,16 @@ class Recipe:
     precision: Precision = field(default_factory=Precision)
 
 
+def plain_numbers(state):
+    """A callback's state with numpy scalars as Python numbers: checkpoints are read back with
+    torch.load(weights_only=True), which refuses numpy objects, and the resume would start over."""
+    if isinstance(state, dict):
+        return {key: plain_numbers(value) for key, value in state.items()}
+    if type(state) in (list, tuple):
+        return type(state)(plain_numbers(value) for value in state)
+    return state.item() if isinstance(state, np.generic) else state
+
+
 @dataclass
 class Loop:
     """What a callback sees of the running `fit`."""
@@ -288,10 +299,10 @@ class Loop:
                 "generator": self.generator.get_state(), "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "scaler": scaler.state_dict() if scaler is not None else None,  # fp16 loss scale
-                **{key: cb.state_dict() for key, cb in self.callbacks.items()}}
+                **{key: plain_numbers(cb.state_dict()) for key, cb in self.callbacks.items()}}
 
     def load_state_dict(self, ckpt: dict) -> None:
-        self.state = FitState(**ckpt["state"])
+        self.state = from_fields(FitState, ckpt["state"])  # one from a newer version loads too
         self.model.load_state_dict(ckpt["model"])
         self.recipe.optimizer.load_state_dict(ckpt["optimizer"])
         self.generator.set_state(ckpt["generator"])

@@ -115,9 +115,14 @@ class RunRecord:
 
     @classmethod
     def load(cls, run_dir: Path) -> "RunRecord":
-        data = json.loads((Path(run_dir) / RESULT_FILE).read_text())
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return from_fields(cls, json.loads((Path(run_dir) / RESULT_FILE).read_text()))
+
+
+def from_fields(cls, data: dict):
+    """The dataclass `cls` from `data`, without the keys it does not have: a record or checkpoint
+    written by a newer version (one more field) still loads."""
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in known})
 
 
 class WriteError(OSError):

@@ -26,7 +26,7 @@ from ablate.folder import FolderRefused, accept, locked, logging_to, write_hydra
 from ablate.loop import (Callback, Diverged, FitState, Metrics, Recipe, Schedule, fit,
                          pick_precision, resolve_precision)
 from ablate.record import (CHECKPOINT_FILE, METRICS_FILE, RESULT_FILE, RunRecord, WriteError,
-                           identity, write_metrics)
+                           from_fields, identity, write_metrics)
 from ablate.savers import BestWeights, Checkpoint, StepLosses
 from ablate.validation import ConfigError, dry_run, out_of_memory, validate
 
@@ -123,7 +123,7 @@ def finished_record(run_dir: Path) -> RunRecord | None:
     ckpt = peek_checkpoint(run_dir)
     if ckpt is None or "finished_record" not in ckpt:
         return None
-    record = RunRecord(**json.loads(ckpt["finished_record"]))
+    record = from_fields(RunRecord, json.loads(ckpt["finished_record"]))
     record.save(run_dir)
     write_metrics(ckpt["state"]["rows"], run_dir)
     log.info("%s: training was already done; rebuilt %s and %s from %s", run_dir, RESULT_FILE,
