@@ -226,11 +226,6 @@ def build_run(cfg: DictConfig, run_dir: Path, device: torch.device, record: RunR
                  build_callbacks(cfg, run_dir, model, recipe, scheduler))
 
 
-# The loop's own checkpoint keys and the built-in callbacks' names.
-RESERVED = ("identity", "state", "model", "optimizer", "generator", "rng_cpu", "rng_cuda", "scaler",
-            "scheduler", "swa", "best_weights", "steps", "probe", "logger", "metrics", "checkpoint")
-
-
 def build_callbacks(cfg: DictConfig, run_dir: Path, model, recipe: Recipe,
                     scheduler) -> dict[str, Callback]:
     """The loop's callbacks in the order they run; their keys name their state in the checkpoint."""
@@ -246,9 +241,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, model, recipe: Recipe,
     if cfg.get("probe"):  # see conf/probe/
         callbacks["probe"] = build(cfg, "probe", model=model, loss_fn=recipe.loss_fn,
                                    optimizer=recipe.optimizer, run_dir=run_dir)
-    for key in cfg.get("callbacks") or {}:  # see conf/callbacks/
-        if key in (*callbacks, *RESERVED):  # its state would overwrite another's in the checkpoint
-            raise ConfigError(f"callbacks.{key}: the name is taken; call the callback otherwise")
+    for key in cfg.get("callbacks") or {}:  # see conf/callbacks/; validate checked their names
         callbacks[key] = build(cfg.callbacks, key)
     if cfg.get("logger"):  # see conf/logger/; after the callbacks, so it shows their columns
         callbacks["logger"] = build(cfg, "logger")

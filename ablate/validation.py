@@ -1,18 +1,23 @@
 """Checks that catch impossible values before the first epoch.
 
-`validate` reads the composed config: the small rule list below (what no constructor checks),
-plus two walks over every key of every option (finite numbers; the scalar types that each
-`_target_`'s signature accepts). `dry_run` tries the built objects: the schedule stepped
-through every epoch on a throwaway optimizer, and two images through the model and loss.
+`validate` reads the composed config: the keys every run needs, the small rule list below
+(what no constructor checks), plus walks over every key of every option (keys that nothing
+reads; finite numbers; `_target_`s that import; the scalar types that each `_target_`'s
+signature accepts). `dry_run` tries the built objects: the schedule stepped through the first
+epochs on a throwaway optimizer, and two images through the model and loss.
 """
 from __future__ import annotations
 
+import difflib
+import functools
 import inspect
 import math
+import pkgutil
 import re
+from pathlib import Path
 
 import torch
-from hydra.utils import get_object, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ablate.data import normalize
@@ -87,6 +92,110 @@ RULES = {
 }
 
 
+# The keys the run reads without a default: `~seed` and the like cannot work.
+REQUIRED = ("seed", "scale", "epochs", "batch_size", "l1_lambda", "grad_clip", "device", "precision",
+            "save_weights", "log_steps", "model", "loss", "optim", "sched", "data")
+# The free key: a label for a run or a sweep (+tag=...). Nothing reads it, so it changes no
+# training; it is part of the identity and of a sweep job's folder name.
+FREE_KEYS = ("tag",)
+# The loop's own checkpoint keys and the built-in callbacks' names: a config callback taking
+# one would overwrite its state in the checkpoint.
+RESERVED = ("identity", "state", "model", "optimizer", "generator", "rng_cpu", "rng_cuda", "scaler",
+            "scheduler", "swa", "best_weights", "steps", "probe", "logger", "metrics", "checkpoint")
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def _dotted(node: dict, prefix: str = ""):
+    """Every dotted key of a nested dict, the inner ones included."""
+    for key, value in node.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        yield path
+        if isinstance(value, dict):
+            yield from _dotted(value, path)
+
+
+@functools.cache
+def known_keys() -> frozenset[str]:
+    """Every dotted key that conf/ sets: config.yaml, each option of each group, the presets."""
+    keys = set(FREE_KEYS)
+    for path in CONF.rglob("*.yaml"):
+        group = path.parent.relative_to(CONF).parts
+        if group[:1] == ("hydra",):
+            continue
+        header = re.match(r"#\s*@package\s+(\S+)", path.read_text())
+        package = header.group(1) if header else ".".join(group)
+        node = OmegaConf.to_container(OmegaConf.load(path)) or {}
+        node = {k: v for k, v in node.items() if k not in ("defaults", "hydra")}
+        package = "" if package == "_global_" else package
+        parts = package.split(".") if package else []
+        keys.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))  # e.g. callbacks
+        keys.update(_dotted(node, package))
+    return frozenset(keys)
+
+
+def _resolve(target: str):
+    """The object a dotted _target_ names (as Hydra imports it); errors are one line."""
+    return pkgutil.resolve_name(target)
+
+
+def _parameters(target: str) -> tuple[str, ...] | None:
+    """The argument names of a _target_'s signature; None when it takes any (**kwargs), or when
+    it does not import (_structure_problems says so)."""
+    try:
+        params = inspect.signature(_resolve(target)).parameters.values()
+    except Exception:
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return tuple(p.name for p in params)
+
+
+def _unread(node: dict, path: str = ""):
+    """(dotted key, value, nearest known keys) of every key nothing reads: neither set by a file
+    in conf/ (nor the free `tag`), nor an argument of the _target_ whose option holds it."""
+    if "_target_" in node:
+        known = _parameters(node["_target_"])
+        for key, value in node.items():
+            if known is not None and not key.startswith("_") and key not in known:
+                yield f"{path}.{key}", value, [f"{path}.{k}" for k in difflib.get_close_matches(key, known, 1)]
+            elif isinstance(value, dict) and "_target_" in value:  # e.g. model.activation
+                yield from _unread(value, f"{path}.{key}")
+        return
+    for key, value in node.items():
+        where = f"{path}.{key}" if path else str(key)
+        if path == "callbacks":  # a callback's name is free; what it takes is its target's
+            if isinstance(value, dict) and "_target_" in value:
+                yield from _unread(value, where)
+        elif where not in known_keys():
+            siblings = [k for k in known_keys() if k.rpartition(".")[0] == path]
+            yield where, value, difflib.get_close_matches(where, siblings, 1)
+        elif isinstance(value, dict):
+            yield from _unread(value, where)
+
+
+def _structure_problems(plain: dict) -> list[str]:
+    """What makes a config unbuildable whatever its values, one sentence each: keys nothing reads,
+    config callbacks without a _target_ or with a name the loop's state already has, _target_s
+    that do not import."""
+    unread = list(_unread(plain))  # a typo such as +epoch=1 would otherwise train as if absent
+    problems = [f"nothing reads {key}={value!r}" + (f" (did you mean `{near[0]}`?)" if near else "")
+                for key, value, near in unread]
+    if any("." not in key for key, _, _ in unread):
+        problems[-1] += "; a label goes in +tag=..."
+    for key, node in (plain.get("callbacks") or {}).items():
+        if key in RESERVED:  # its state would overwrite the loop's own in the checkpoint
+            problems.append(f"callbacks.{key}: the name is taken; call the callback otherwise")
+        elif not isinstance(node, dict) or "_target_" not in node:
+            problems.append(f"callbacks.{key}={node!r} is not an option with a _target_")
+    for path, node in _targets(plain):
+        try:
+            _resolve(node["_target_"])
+        except Exception as err:
+            problems.append(f"{path}._target_={node['_target_']!r} does not import "
+                            f"({type(err).__name__}: {err})")
+    return problems
+
+
 def _leaves(node, path: str = ""):
     """(dotted key, value) of every scalar in a plain (resolved) config."""
     if isinstance(node, dict):
@@ -122,8 +231,8 @@ def _type_problems(path: str, node: dict) -> dict[str, tuple]:
     """Values of a _target_ option that its constructor's signature does not take: a boolean
     for a number (torch would read true as 1), a fraction for an integer, a number for a flag."""
     try:
-        params = inspect.signature(get_object(node["_target_"])).parameters
-    except Exception:  # an unknown target fails clearly when it is built
+        params = inspect.signature(_resolve(node["_target_"])).parameters
+    except Exception:  # _structure_problems names a target that does not import
         return {}
     problems = {}
     for key, value in node.items():
@@ -140,7 +249,15 @@ def _type_problems(path: str, node: dict) -> dict[str, tuple]:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError naming every key whose value is impossible."""
+    """Raise ConfigError naming every key whose value is impossible or that nothing reads."""
+    missing = [key for key in REQUIRED if key not in cfg]
+    if missing:
+        raise ConfigError("invalid config: " + "; ".join(
+            f"{key} is missing (removed with ~{key}?); every run needs it" for key in missing))
+    plain = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
+    structure = _structure_problems(plain)
+    if structure:
+        raise ConfigError("invalid config: " + "; ".join(structure))
     problems = {}  # key -> (value, what it must be); the first complaint about a key wins
     for key, (ok, must_be) in RULES.items():
         if OmegaConf.select(cfg, key, default="<absent>") == "<absent>":
@@ -149,7 +266,6 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
         if not ok(value):
             problems[key] = value, must_be
-    plain = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
     for key, value in _leaves(plain):
         if isinstance(value, float) and not math.isfinite(value):
             problems.setdefault(key, (value, "a finite number"))

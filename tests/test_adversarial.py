@@ -2,16 +2,20 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from ablate.loop import Callback
-from ablate.record import CHECKPOINT_FILE, METRICS_FILE, RESULT_FILE, RunRecord
+from ablate.record import CHECKPOINT_FILE, METRICS_FILE, RESULT_FILE, RunRecord, identity
+from ablate.resolvers import job_folder
 from ablate.train import run
-from conftest import TINY, compose_cfg
+from ablate.validation import ConfigError, validate
+from conftest import TINY, compose_cfg, run_script
 
 QUICK = [*TINY, "model.filters=[4,8,16]", "device=cpu", "save_weights=false", "epochs=2"]
 
@@ -89,3 +93,63 @@ def test_checkpoints_from_a_newer_version_with_one_more_field_still_load(tmp_pat
     (tmp_path / RESULT_FILE).unlink()
     rebuilt = run(compose_cfg(QUICK), tmp_path, {}, [])
     assert rebuilt == record and RunRecord.load(tmp_path) == record
+
+
+def test_a_key_nothing_reads_is_refused_in_one_line_naming_the_nearest_known_key(tmp_path):
+    proc = run_script("ablate/train.py", *QUICK, "+epoch=1", f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ("error: invalid config: nothing reads epoch=1 (did you mean "
+                                   "`epochs`?); a label goes in +tag=...")
+    assert not (tmp_path / METRICS_FILE).exists()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["+optim.lrr=0.1"], "nothing reads optim.lrr=0.1 (did you mean `optim.lr`?)"),
+    (["+optim.nesterov=true"], "nothing reads optim.nesterov=True"),  # Adam has no such argument
+    (["+callbacks=grad_norm", "+callbacks.grad_norm.every=2"], "nothing reads callbacks.grad_norm.every=2"),
+    (["+swa.start=3"], "nothing reads swa.start=3 (did you mean `swa.start_epoch`?)"),
+    (["++batchsize=3"], "nothing reads batchsize=3 (did you mean `batch_size`?)"),
+])
+def test_keys_nothing_reads_are_refused_wherever_they_are_added(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(compose_cfg([*QUICK, *overrides]))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["+tag=baseline"], ["+callbacks=grad_norm"], ["optim=sgd", "+optim.nesterov=true"],
+    ["+probe=landscape"], ["logger=tensorboard"], ["+experiment=optimizer_tuned"],
+    ["+callbacks.mine._target_=ablate.grad_norm.GradNorm"],
+])
+def test_what_users_legitimately_add_is_accepted(overrides):
+    validate(compose_cfg(overrides))
+
+
+def test_a_tag_labels_the_run_and_its_folder_and_changes_no_training(tmp_path):
+    plain, tagged = compose_cfg(QUICK), compose_cfg([*QUICK, "+tag=baseline_v2"])
+    assert identity(OmegaConf.to_container(plain, resolve=True)) != \
+        identity(OmegaConf.to_container(tagged, resolve=True))
+    assert job_folder(["seed=1", "+tag=baseline_v2"]) == "seed=1,+tag=baseline_v2"
+    for name in ("plain", "tagged"):
+        (tmp_path / name).mkdir()  # Hydra makes the run folder; here run() is called directly
+    runs = [run(cfg, tmp_path / name, {}, []) for cfg, name in ((plain, "plain"), (tagged, "tagged"))]
+    assert runs[0].final_test_acc == runs[1].final_test_acc
+    a, b = (pd.read_csv(tmp_path / name / METRICS_FILE).drop(columns="seconds")
+            for name in ("plain", "tagged"))
+    pd.testing.assert_frame_equal(a, b)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("~seed", "error: invalid config: seed is missing (removed with ~seed?); every run needs it"),
+    ("+callbacks.x._target_=ablate.nope.X", "error: invalid config: callbacks.x._target_="
+     "'ablate.nope.X' does not import (AttributeError: module 'ablate' has no attribute 'nope')"),
+    ("+callbacks.optimizer._target_=ablate.grad_norm.GradNorm",
+     "error: invalid config: callbacks.optimizer: the name is taken; call the callback otherwise"),
+])
+def test_configs_that_cannot_build_are_refused_in_one_line_before_data_and_model(
+        tmp_path, monkeypatch, override, message):
+    built = []
+    monkeypatch.setattr("ablate.train.build", lambda *args, **kw: built.append(args[1]))
+    with pytest.raises(ConfigError) as err:
+        run(compose_cfg([*QUICK, override]), tmp_path, {}, [])
+    assert f"error: {err.value}" == message and "\n" not in message
+    assert built == []  # not the data, not the model

@@ -62,10 +62,9 @@ def test_the_logger_is_not_part_of_a_runs_identity():
     assert plain == logged  # turning the live view on resumes (or skips) the same run
 
 
-def test_a_callback_named_like_the_loops_own_state_is_refused(tmp_path):
-    from ablate.train import build_callbacks
-    from ablate.validation import ConfigError
+def test_a_callback_named_like_the_loops_own_state_is_refused():
+    from ablate.validation import ConfigError, validate
 
     cfg = compose_cfg([*TINY, "+callbacks.model._target_=ablate.grad_norm.GradNorm"])
     with pytest.raises(ConfigError, match="callbacks.model: the name is taken"):
-        build_callbacks(cfg, tmp_path, model=None, recipe=None, scheduler=None)
+        validate(cfg)
