@@ -79,6 +79,9 @@ def make_splits(train_x, train_y, test_x, test_y, *, train_size, test_size, val_
     """Carve the validation split out of training, then take stratified subsets."""
     g = torch.Generator().manual_seed(SPLIT_SEED)
     val_x, val_y = train_x[:0], train_y[:0]
+    if val_size >= len(train_y):  # nothing would be left to train on
+        raise DataError(f"data.val_size={val_size} leaves no training images: the training set "
+                        f"has {len(train_y)} ({source}); hold out fewer")
     if val_size:
         val_idx = stratified_indices(train_y, val_size, g)
         keep = torch.ones(len(train_y), dtype=torch.bool)

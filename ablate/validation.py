@@ -8,6 +8,7 @@ epochs on a throwaway optimizer, and two images through the model and loss.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import functools
 import inspect
@@ -291,17 +292,25 @@ def dry_run(cfg: DictConfig, model: torch.nn.Module, loss_fn: torch.nn.Module, d
     """Try the built objects before the first epoch; raise ConfigError on what only that shows."""
     _check_schedule(cfg)
     _check_forward(model, loss_fn, data)
+    _check_batch_of_one(model, data, cfg.batch_size)
+
+
+# Epochs of the schedule the dry run steps through (about 0.1 s): every run of a sensible length,
+# and a bound on the time the check takes whatever `epochs` says (scale=1e7 makes it 5e8). A
+# schedule that fails only later fails in training, and the record says so.
+CHECKED_EPOCHS = 1000
 
 
 def _check_schedule(cfg: DictConfig) -> None:
-    """Step the configured optimizer and scheduler, on one throwaway parameter, through every
-    epoch the run will schedule: a zero period, or a factor that sends the learning rate
-    negative or to infinity, fails here instead of after a full epoch (or never)."""
+    """Step the configured optimizer and scheduler, on one throwaway parameter, through the
+    epochs the run will schedule (up to CHECKED_EPOCHS): a zero period, or a factor that sends
+    the learning rate negative or to infinity, fails here instead of after a full epoch (or never)."""
     optimizer = instantiate(cfg.optim)([torch.zeros(1, requires_grad=True)])
     scheduler = instantiate(cfg.sched)(optimizer)
     swa_start = OmegaConf.select(cfg, "swa.start_epoch")
     settings = ", ".join(f"sched.{k}={v}" for k, v in cfg.sched.items() if not k.startswith("_"))
-    for epoch in range(1, min(cfg.epochs, swa_start or cfg.epochs) + 1):  # SWALR takes over
+    last = min(cfg.epochs, swa_start or cfg.epochs, CHECKED_EPOCHS)  # SWALR takes over at swa_start
+    for epoch in range(1, last + 1):
         try:
             optimizer.step()  # no gradient, so nothing moves; torch wants it before the scheduler's
             step_scheduler(scheduler, 1.0)
@@ -330,3 +339,23 @@ def _check_forward(model: torch.nn.Module, loss_fn: torch.nn.Module, data) -> No
     if not (math.isfinite(loss) and loss >= 0):
         raise ConfigError(f"loss: {type(loss_fn).__name__} of the untrained model on two training "
                           f"images is {loss:g}; a classification loss is finite and >= 0")
+
+
+@torch.no_grad()
+def _check_batch_of_one(model: torch.nn.Module, data, batch_size: int) -> None:
+    """BatchNorm cannot normalize a single value per channel in training mode (BatchNorm1d on a
+    batch of one), which _check_forward's eval mode never shows: when the smallest training batch
+    is one image, put it through a copy of the model whose BatchNorm layers train."""
+    n = len(data.train_y)
+    if min(batch_size, n) != 1:  # training batches are batch_size, or all n images when fewer
+        return
+    probe = copy.deepcopy(model).eval()  # dropout stays off: no random numbers are drawn
+    for module in probe.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.train()
+    try:
+        probe(normalize(data.train_x[:1]))
+    except ValueError as err:
+        raise ConfigError(f"batch_size: a training batch of one image (batch_size={batch_size}, "
+                          f"{n} training images) fails in training mode ({err}); use batch_size "
+                          ">= 2 or more training images") from None

@@ -3,18 +3,22 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from omegaconf import OmegaConf
+from hydra.utils import instantiate
+from omegaconf import OmegaConf, open_dict
+from torch import nn
 
+from ablate.data import DataError
 from ablate.loop import Callback
 from ablate.record import CHECKPOINT_FILE, METRICS_FILE, RESULT_FILE, RunRecord, identity
 from ablate.resolvers import job_folder
 from ablate.train import run
-from ablate.validation import ConfigError, validate
+from ablate.validation import ConfigError, dry_run, validate
 from conftest import TINY, compose_cfg, run_script
 
 QUICK = [*TINY, "model.filters=[4,8,16]", "device=cpu", "save_weights=false", "epochs=2"]
@@ -153,3 +157,44 @@ def test_configs_that_cannot_build_are_refused_in_one_line_before_data_and_model
         run(compose_cfg([*QUICK, override]), tmp_path, {}, [])
     assert f"error: {err.value}" == message and "\n" not in message
     assert built == []  # not the data, not the model
+
+
+class TinyBN1d(nn.Module):
+    """A model with BatchNorm1d, which cannot train on a batch of one image."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 16), nn.BatchNorm1d(16),
+                                 nn.ReLU(), nn.Linear(16, num_classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_a_batch_of_one_that_batchnorm_cannot_train_on_is_caught_before_training(tmp_path):
+    cfg = compose_cfg([*QUICK, "batch_size=1"])
+    with open_dict(cfg):
+        cfg.model = {"_target_": "test_adversarial.TinyBN1d", "num_classes": 10}
+    with pytest.raises(ConfigError, match=re.escape(
+            "batch_size: a training batch of one image (batch_size=1, 400 training images) fails "
+            "in training mode (Expected more than 1 value per channel when training")):
+        run(cfg, tmp_path, {}, [])
+    assert not (tmp_path / METRICS_FILE).exists()
+    cnn = compose_cfg([*QUICK, "batch_size=1"])  # the CNN's BatchNorm2d trains on one image
+    dry_run(cnn, *(instantiate(cnn[key]) for key in ("model", "loss", "data")))
+
+
+def test_a_validation_split_as_large_as_the_training_set_is_a_data_error(tmp_path, image_tree):
+    cfg = compose_cfg([*QUICK, "data=cifar10", f"data.root={image_tree}", "data.val_size=40"])
+    with pytest.raises(DataError, match=r"^data.val_size=40 leaves no training images: the "
+                                        r"training set has 40 \(image folders in "):
+        run(cfg, tmp_path, {}, [])
+
+
+def test_the_checks_before_training_take_bounded_time_whatever_the_epoch_count(tmp_path):
+    cfg = compose_cfg([*QUICK, "scale=1e7", "epochs=${scaled:50}"])
+    assert cfg.epochs == 500_000_000 and cfg.sched.T_max == 500_000_000
+    model, loss_fn, data = (instantiate(cfg[key]) for key in ("model", "loss", "data"))
+    start = time.perf_counter()
+    dry_run(cfg, model, loss_fn, data)  # stepping 5e8 epochs would take days
+    assert time.perf_counter() - start < 60
