@@ -27,8 +27,9 @@ def scaled(epochs: int, *, _root_) -> int:
 
 def job_folder(overrides) -> str:
     """A sweep job's folder name: its overrides sorted by key, without operational ones
-    (threads, device, ...), made file-system safe; with a short hash of them all when an
-    override (e.g. a path) or the whole had to be cut.
+    (threads, device, ...), made file-system safe; with a short hash of them all when a value
+    had to be changed (a/b and a_b would otherwise share a folder) or an override (e.g. a path)
+    or the whole had to be cut.
 
     E.g. ['seed=1', 'loss=focal', 'threads=4'] -> 'loss=focal,seed=1'. Hydra's own
     launcher choice (hydra/launcher=joblib) is not a task override, so it never appears.
@@ -37,9 +38,13 @@ def job_folder(overrides) -> str:
     kept = sorted((o.key_or_group, o.input_line) for o in parsed
                   if o.key_or_group not in OPERATIONAL_KEYS)
     lines = [line for _, line in kept]
+    safe = [UNSAFE.sub("_", line) for line in lines]
     # Cutting each long override first keeps every key, and so the swept values, in sight.
-    name = ",".join(UNSAFE.sub("_", line)[:MAX_ITEM] for line in lines)[:MAX_NAME - 9]
-    if name != ",".join(UNSAFE.sub("_", line) for line in lines):
+    name = ",".join(item[:MAX_ITEM] for item in safe)[:MAX_NAME - 9]
+    # A group's '/' (model/activation=elu) is safe to replace: group names are ours, not typed
+    # values. A changed value is not: 'é' and 'ü' both become '_'.
+    changed = any(UNSAFE.search(line.partition("=")[2]) for line in lines)
+    if changed or name != ",".join(safe):
         name += "-" + hashlib.sha256("\n".join(lines).encode()).hexdigest()[:8]
     return name or "defaults"
 

@@ -198,3 +198,14 @@ def test_the_checks_before_training_take_bounded_time_whatever_the_epoch_count(t
     start = time.perf_counter()
     dry_run(cfg, model, loss_fn, data)  # stepping 5e8 epochs would take days
     assert time.perf_counter() - start < 60
+
+
+def test_values_that_sanitize_to_one_name_get_folders_of_their_own(tmp_path):
+    proc = run_script("ablate/train.py", "-m", *QUICK, "epochs=1", "+tag=a/b,a_b,'é','ü'",
+                      f"hydra.sweep.dir={tmp_path}", check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    folders = sorted(p.name for p in tmp_path.iterdir() if (p / RESULT_FILE).exists())
+    assert len(folders) == 4
+    assert sum(f.endswith(",+tag=a_b") for f in folders) == 1  # a safe value keeps its plain name
+    assert {RunRecord.load(tmp_path / f).status for f in folders} == {"completed"}
+    assert job_folder(["model/activation=elu"]) == "model_activation=elu"  # a group's '/' is ours

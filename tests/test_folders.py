@@ -34,8 +34,9 @@ def record(run_dir) -> dict:
 
 def test_a_job_folder_is_named_by_its_overrides_without_operational_ones():
     assert job_folder(["seed=1", "loss=focal", "threads=4", "device=cpu"]) == "loss=focal,seed=1"
-    assert job_folder(["model/activation=elu", "data.root='/my data'"]) == \
-        "data.root=__my_data_,model_activation=elu"  # no '/', quote or space reaches the file system
+    safe = job_folder(["model/activation=elu", "data.root='/my data'"])
+    # no '/', quote or space reaches the file system; the changed value brings a hash of the raw ones
+    assert safe == "data.root=__my_data_,model_activation=elu-" + safe[-8:]
     assert job_folder([]) == "defaults"
     long = job_folder([f"data.root=/{'x' * 300}", "seed=0"])  # cut, with a hash of the whole
     assert long == f"data.root=_{'x' * 29},seed=0-" + long[-8:] and len(long) == 56
