@@ -34,12 +34,31 @@ log = logging.getLogger("ablate")
 REPO = Path(__file__).resolve().parent.parent
 
 
-class Interrupted(Exception):
-    """SIGTERM or SIGINT arrived; the last finished epoch is checkpointed."""
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT arrived; the last finished epoch is checkpointed. A BaseException, as
+    KeyboardInterrupt is, so that no `except Exception` on the way out swallows it."""
 
 
 def _raise_interrupted(signum, frame):
+    # The first signal stops the run; later ones (a double Ctrl-C) are ignored, so that they
+    # cannot cut short the record being saved on the way out and leave it saying running.
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
     raise Interrupted(signal.Signals(signum).name)
+
+
+def saved_epoch(run_dir: Path) -> int:
+    """The last finished epoch run_dir's checkpoint holds (0 when there is none)."""
+    ckpt = peek_checkpoint(run_dir)
+    return ckpt["state"]["epoch"] if ckpt is not None and "state" in ckpt else 0
+
+
+def resume_advice(run_dir: Path) -> str:
+    """What re-running an interrupted run does, from what its checkpoint holds."""
+    epoch = saved_epoch(run_dir)
+    if epoch == 0:
+        return "no epoch had finished, so there is nothing to resume: re-run to start it"
+    return f"epoch {epoch} is saved: re-run the same command to resume"
 
 
 def git_commit() -> str | None:
@@ -153,7 +172,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str],
         record.status, record.error = "diverged", str(err)
         log.warning("%s diverged: %s", run_dir, err)
     except Interrupted as err:
-        record.status, record.error = "interrupted", f"stopped by {err}; re-run to resume"
+        record.status, record.error = "interrupted", f"stopped by {err}; {resume_advice(run_dir)}"
         raise
     except Exception as err:
         record.status, record.error = "failed", f"{type(err).__name__}: {err}"
@@ -316,8 +335,7 @@ def _run_job(cfg: DictConfig, hc, run_dir: Path, in_sweep: bool) -> JobOutcome:
         return JobOutcome.of(run(cfg, run_dir, choices, overrides,
                                  job_num=hc.job.num if in_sweep else None))
     except Interrupted as err:
-        log.error("interrupted by %s; the last finished epoch is saved in %s: run the same command "
-                  "again to resume", err, run_dir)
+        log.error("interrupted by %s in %s; %s", err, run_dir, resume_advice(run_dir))
         sys.exit(130 if str(err) == "SIGINT" else 143)
     except (ConfigError, DataError, WriteError) as err:
         _record_failure(run_dir, choices, overrides, err)

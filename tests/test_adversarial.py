@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -19,7 +23,7 @@ from ablate.record import CHECKPOINT_FILE, METRICS_FILE, RESULT_FILE, RunRecord,
 from ablate.resolvers import job_folder
 from ablate.train import run
 from ablate.validation import ConfigError, dry_run, validate
-from conftest import TINY, compose_cfg, run_script
+from conftest import REPO, TINY, compose_cfg, run_script
 
 QUICK = [*TINY, "model.filters=[4,8,16]", "device=cpu", "save_weights=false", "epochs=2"]
 
@@ -209,3 +213,61 @@ def test_values_that_sanitize_to_one_name_get_folders_of_their_own(tmp_path):
     assert sum(f.endswith(",+tag=a_b") for f in folders) == 1  # a safe value keeps its plain name
     assert {RunRecord.load(tmp_path / f).status for f in folders} == {"completed"}
     assert job_folder(["model/activation=elu"]) == "model_activation=elu"  # a group's '/' is ours
+
+
+SIGNALLER = '''
+import os, signal
+from ablate.loop import Callback
+
+class SigtermAtStart(Callback):
+    def on_fit_start(self, loop):
+        os.kill(os.getpid(), signal.SIGTERM)
+'''
+
+
+def test_sigterm_before_the_first_epoch_does_not_claim_an_epoch_is_saved(tmp_path):
+    (tmp_path / "signaller.py").write_text(SIGNALLER)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}", "HYDRA_FULL_ERROR": "0"}
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(REPO / "ablate/train.py"), *QUICK,
+                           "+callbacks.stop._target_=signaller.SigtermAtStart",
+                           f"hydra.run.dir={out}"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 143
+    assert "saved" not in proc.stdout + proc.stderr
+    assert proc.stdout.strip().endswith(f"interrupted by SIGTERM in {out}; no epoch had finished, "
+                                        "so there is nothing to resume: re-run to start it")
+    record = RunRecord.load(out)
+    assert record.status == "interrupted" and record.error.startswith("stopped by SIGTERM; no epoch")
+
+
+class SigintInEpoch2(Callback):
+    """The user's first Ctrl-C, at the end of epoch 2, before it is saved."""
+
+    def on_epoch_end(self, loop, row: dict) -> None:
+        if row["epoch"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_second_ctrl_c_while_the_run_saves_its_record_leaves_it_interrupted(tmp_path, monkeypatch):
+    from ablate.train import Interrupted, _raise_interrupted
+
+    save = RunRecord.save
+
+    def save_after_a_second_ctrl_c(record, run_dir):
+        if record.status == "interrupted":
+            os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, just as the record is saved
+        save(record, run_dir)
+
+    monkeypatch.setattr(RunRecord, "save", save_after_a_second_ctrl_c)
+    cfg = compose_cfg([*QUICK, "+callbacks.stop._target_=test_adversarial.SigintInEpoch2"])
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(Interrupted):
+            run(cfg, tmp_path, {}, [])
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    record = RunRecord.load(tmp_path)
+    assert record.status == "interrupted" and record.epochs_run == 1
+    assert record.error == "stopped by SIGINT; epoch 1 is saved: re-run the same command to resume"
