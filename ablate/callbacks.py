@@ -93,8 +93,12 @@ class SweepSummary(Callback):
         summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         log.info("sweep %s: %d job%s: %s; tables: python analysis/make_tables.py --root %s",
                  sweep, len(jobs), "" if len(jobs) == 1 else "s", summary or "none", sweep)
-        bad = [job for job in jobs if job["status"] in FAILING]
-        for job in bad:
-            log.error("%s %s: %s", job["status"], job["folder"], job["message"])
+        bad: dict[tuple[str, str], list[str]] = {}  # jobs that failed alike are named in one line
+        for job in jobs:
+            if job["status"] in FAILING:
+                bad.setdefault((job["status"], job["message"]), []).append(job["folder"])
+        for (status, message), folders in bad.items():
+            names = folders[0] if len(folders) == 1 else f"{len(folders)} jobs ({', '.join(folders)})"
+            log.error("%s %s: %s", status, names, message)
         if bad:
             sys.exit(1)

@@ -162,9 +162,17 @@ def _not_found(root: Path, why: str) -> str:
             f"`python ablate/train.py data.root=/path/to/cifar10`.")
 
 
+# Roots whose download failed in this process: a sweep's later jobs fail at once instead of
+# trying again (each try may wait DOWNLOAD_TIMEOUT_S) and repeating the long advice.
+_FAILED_DOWNLOADS: set[Path] = set()
+
+
 def _download(root: Path):
     from torchvision.datasets import CIFAR10
 
+    if root in _FAILED_DOWNLOADS:
+        raise DataError(f"CIFAR-10 not found in {root}, and its download failed earlier in this "
+                        "process (see the first error); not tried again")
     log.info("CIFAR-10 not found in %s; downloading the official archive", root)
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # a blocked network fails instead of hanging
@@ -173,6 +181,7 @@ def _download(root: Path):
         CIFAR10(str(root), train=True, download=True)
         CIFAR10(str(root), train=False, download=True)
     except Exception as err:  # network errors come in many types (URLError, OSError, ...)
+        _FAILED_DOWNLOADS.add(root)
         raise DataError(_not_found(root, f"the download failed ({type(err).__name__}: {err})")) from None
     finally:
         socket.setdefaulttimeout(previous)

@@ -271,3 +271,16 @@ def test_a_second_ctrl_c_while_the_run_saves_its_record_leaves_it_interrupted(tm
     record = RunRecord.load(tmp_path)
     assert record.status == "interrupted" and record.epochs_run == 1
     assert record.error == "stopped by SIGINT; epoch 1 is saved: re-run the same command to resume"
+
+
+def test_an_offline_sweep_tries_the_download_once_and_says_why_once_per_kind(tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")  # the download cannot even make its folder: it fails as offline does
+    proc = run_script("ablate/train.py", "-m", *QUICK, "data=cifar10", f"data.root={blocker}/cifar",
+                      "seed=0,1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1
+    assert out.count("downloading the official archive") == 1
+    assert out.count("Point data.root at a copy") == 2  # job 0's error, and the summary's
+    assert out.count("its download failed earlier in this process") == 3  # jobs 1, 2; one summary line
+    assert "failed 2 jobs (" in out
