@@ -55,6 +55,12 @@ def identity(config: dict) -> str:
     return hashlib.sha256(json.dumps(settings(config), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def row_identity(config: dict) -> str:
+    """identity() without the seed: runs that share it are seeds of one experiment, the only runs
+    a table may pool (analysis/tables.py)."""
+    return identity({k: v for k, v in config.items() if k != "seed"})
+
+
 def differences(stored: dict, current: dict) -> list[str]:
     """The result-affecting settings in which two resolved configs differ: 'key: stored -> current'."""
     a, b = _flat(settings(stored)), _flat(settings(current))

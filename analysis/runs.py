@@ -16,7 +16,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from ablate.record import (CSV_FILES, HYDRA_CONFIG, HYDRA_RUNTIME, RESULT_FILE, SWEEP_FILE,
-                           identity)
+                           identity, row_identity)
 
 STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
 # result.json fields analysis computes with, and the type each must have when present
@@ -25,7 +25,7 @@ NUMBERS = ("seed", "epochs", "epochs_run", "final_test_acc", "best_test_acc", "b
 MAPPINGS = ("choices", "extra")
 # what a run's row always has, from its folder; then what it takes from result.json as it is
 COLUMNS = ("run_dir", "sweep", "status", "error", "choices", "overrides", "config", "identity",
-           "seed", "acc", "metric", "duplicate_of")
+           "row_identity", "seed", "acc", "metric", "duplicate_of")
 FROM_RECORD = ("epochs_run", "final_test_acc", "best_test_acc", "best_val_acc", "train_images",
                "val_images", "data_source", "extra")
 
@@ -130,7 +130,7 @@ def read_config(run_dir: Path) -> dict:
         tree = OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # an interpolation only Hydra could resolve: compare as written
         tree = OmegaConf.to_container(cfg, resolve=False)
-    return {"config": flatten(tree), "identity": identity(tree)}
+    return {"config": flatten(tree), "identity": identity(tree), "row_identity": row_identity(tree)}
 
 
 def _is_number(v) -> bool:
@@ -215,20 +215,26 @@ def load_run(run_dir: Path, root: Path, csvs: tuple[str, ...] = ("metrics",)) ->
 
 
 def mark_duplicates(runs: pd.DataFrame) -> pd.DataFrame:
-    """Copies of one run (same result-affecting settings, seed included) count once: the best kept
-    copy (completed with an accuracy, then the first by path) stays, the others become `duplicate`."""
+    """Copies of one run (same result-affecting settings, seed included) in one sweep count once:
+    the best copy (completed with an accuracy, then the first by path) stays, the others become
+    `duplicate`. A sweep's table is about that sweep, so copies in other sweeps never take its
+    rows; `also_in` names those other sweeps (tables pooling across sweeps drop them)."""
     runs = runs.astype({"duplicate_of": object, "error": object, "status": object})
+    runs["also_in"] = [[] for _ in range(len(runs))]
     rank = {"completed": 0, "completed without accuracy": 1}
     for _, group in runs[runs["identity"].notna()].groupby("identity", sort=False):
         if len(group) < 2:
             continue
-        order = sorted(group.index, key=lambda i: (rank.get(runs.at[i, "status"], 2),
-                                                   natural(runs.at[i, "run_dir"])))
-        kept = runs.at[order[0], "run_dir"]
-        for i in order[1:]:
-            runs.at[i, "duplicate_of"] = kept
-            runs.at[i, "error"] = f"copy of {kept} (same settings and seed; counted once)"
-            runs.at[i, "status"] = "duplicate"
+        for i in group.index:
+            runs.at[i, "also_in"] = sorted(set(group["sweep"]) - {runs.at[i, "sweep"]})
+        for _, copies in group.groupby("sweep", sort=False):
+            order = sorted(copies.index, key=lambda i: (rank.get(runs.at[i, "status"], 2),
+                                                        natural(runs.at[i, "run_dir"])))
+            kept = runs.at[order[0], "run_dir"]
+            for i in order[1:]:
+                runs.at[i, "duplicate_of"] = kept
+                runs.at[i, "error"] = f"copy of {kept} (same settings and seed; counted once)"
+                runs.at[i, "status"] = "duplicate"
     return runs
 
 

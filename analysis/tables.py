@@ -7,6 +7,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from ablate.record import OPERATIONAL_KEYS
+
 ALPHA = 0.05
 LEVEL = 0.95
 RESAMPLES = 10_000
@@ -14,9 +16,10 @@ RESAMPLES = 10_000
 HEADERS = {"loss": "Loss", "model/activation": "Activation", "optim": "Optimizer",
            "sched": "Scheduler", "model": "Model", "data": "Data", "experiment": "Preset",
            "ablation": "Table"}
-# Keys that say where or how a run executes, not what it is: never a row of a table.
-PLUMBING = ("seed", "data.root", "data.download", "device", "save_weights", "precision",
-            "threads", "cuda_memory_fraction", "compile", "log_steps")
+# What never makes a row: the seed (a row's runs are its seeds) and the keys that cannot change a
+# result, ablate.record.OPERATIONAL_KEYS (the one list of them, which also keeps them out of a run's
+# identity). Everything else, precision and data.root included, tells rows apart.
+PLUMBING = ("seed", *OPERATIONAL_KEYS)
 METRIC_NAMES = {
     "test_acc_at_best_val": "test accuracy at the epoch of best validation accuracy",
     "final_test_acc": "test accuracy after the last epoch",
@@ -28,25 +31,36 @@ def is_setting(key: str) -> bool:
     return not key.startswith("hydra") and key not in PLUMBING
 
 
-def signature(overrides: dict) -> tuple:
-    """What the user set for a run, seed and plumbing left out: runs with one signature are seeds of one row."""
-    return tuple(sorted((k, str(v)) for k, v in overrides.items() if is_setting(k)))
+def _varying(configs: list[dict]) -> list[str]:
+    """Resolved settings (flattened config keys) whose values differ between `configs`."""
+    keys = sorted({k for c in configs for k in c if is_setting(k)})
+    return [k for k in keys if len({str(c.get(k, "(absent)")) for c in configs}) > 1]
 
 
 def variant_keys(runs: pd.DataFrame) -> list[str]:
-    """Override keys whose values differ between the completed runs (other runs add no columns)."""
+    """The columns that tell a sweep's rows apart: the override keys whose typed values differ
+    between the completed runs (other runs add no columns), then, for rows those values cannot
+    tell apart (a default changed between versions, precision=auto resolved on two machines), the
+    resolved settings in which they differ."""
     done = runs[runs["status"].isin(DONE)]
     keys: list[str] = []
     for overrides in done["overrides"]:
         keys += [k for k in overrides if k not in keys and is_setting(k)]
-    return [k for k in keys if len({str(o.get(k, "(default)")) for o in done["overrides"]}) > 1]
+    keys = [k for k in keys if len({str(o.get(k, "(default)")) for o in done["overrides"]}) > 1]
+    labelled = label(done, keys)
+    for _, same in (labelled.groupby(keys, sort=False, dropna=False) if keys else [((), labelled)]):
+        if same["row_identity"].nunique() > 1:
+            keys += [k for k in _varying(list(same["config"])) if k not in keys]
+    return keys
 
 
 def label(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """Add one column per variant key holding the value the user typed for each run."""
+    """Add one column per variant key: the value the user typed for each run, else its resolved
+    setting, else '(default)'."""
     out = runs.copy()
     for k in keys:
-        out[k] = [str(o.get(k, "(default)")) for o in runs["overrides"]]
+        out[k] = [str(o[k]) if k in o else str(c[k]) if k in (c or {}) else "(default)"
+                  for o, c in zip(runs["overrides"], runs["config"])]
     return out
 
 
@@ -81,28 +95,30 @@ def _epochs_text(done: pd.DataFrame) -> str:
 
 
 def assign_rows(runs: pd.DataFrame) -> pd.DataFrame:
-    """Each run's row: its signature when some completed run has it, else None (listed below the table)."""
+    """Each run's row: its experiment (ablate.record.row_identity: every result-affecting setting
+    but the seed) when some completed run has it, else None (listed below the table)."""
     out = runs.copy()
-    out["signature"] = [signature(o) for o in runs["overrides"]]
-    rows = set(out.loc[out["status"].isin(DONE), "signature"])
-    # an unreadable hydra.yaml leaves no overrides to match on: such a run joins no row
-    out["row"] = [s if s in rows and (st != "unreadable" or o) else None
-                  for s, st, o in zip(out["signature"], out["status"], out["overrides"])]
+    rows = set(out.loc[out["status"].isin(DONE), "row_identity"].dropna())
+    out["row"] = [r if r in rows else None for r in out["row_identity"]]
     return out
 
 
 def summarize(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """One row per variant with completed runs: n usable, mean, sd, bootstrap interval, per-seed accuracies."""
+    """One row per variant with completed runs: n usable seeds, mean, sd, bootstrap interval,
+    per-seed accuracies."""
     runs = assign_rows(runs)
     labelled = label(runs[runs["row"].notna()], keys)
     out = []
     for _, group in labelled.groupby("row", sort=False):
-        usable = group[(group["status"] == "completed") & group["acc"].notna()]
+        # one number per seed: copies of a run (mark_duplicates) never count twice
+        usable = group[(group["status"] == "completed") & group["acc"].notna()].drop_duplicates("seed")
         acc = usable["acc"].to_numpy(dtype=float) * 100
         mean, sd = mean_sd(acc)
         lo, hi = bootstrap_interval(acc)
-        best = group.loc[group["status"] == "completed", "best_test_acc"].dropna().astype(float) * 100
+        best = usable["best_test_acc"].dropna().astype(float) * 100
+        typed = {k: v for k, v in group["overrides"].iloc[0].items() if is_setting(k)}
         out.append({**{k: group[k].iloc[0] for k in keys}, "row": group["row"].iloc[0],
+                    "typed": typed,
                     "n": len(acc), "mean": mean, "std": sd, "ci_low": lo, "ci_high": hi,
                     "best_epoch_mean": float(best.mean()) if len(best) else math.nan,
                     "epochs": _epochs_text(group[group["status"].isin(DONE)]),
@@ -210,8 +226,8 @@ def metric_note(runs: pd.DataFrame) -> str:
 def to_markdown(table: pd.DataFrame, keys: list[str], metric: str, title: str) -> str:
     """The summary table in the seed report's style, with a footnote saying what it reports."""
     shown = pd.DataFrame({HEADERS.get(k, k): table[k] for k in keys} if keys else
-                         {"Settings": [", ".join(f"{k}={v}" for k, v in row) or "defaults"
-                                       for row in table["row"]]})
+                         {"Settings": [", ".join(f"{k}={v}" for k, v in typed.items()) or "defaults"
+                                       for typed in table["typed"]]})
     shown["Test Accuracy (%)"] = [
         "no usable runs" if n == 0 else f"{fmt(m)} ± {fmt(s)}" if n > 1 else fmt(m)
         for m, s, n in zip(table["mean"], table["std"], table["n"])]
@@ -252,6 +268,12 @@ def sweep_reports(runs: pd.DataFrame) -> list[dict]:
         title = describe(table, keys)
         md = to_markdown(table, keys, metric_note(group), f"{sweep} — {title}") if len(table) else \
             f"### {sweep}\n\nNo completed runs.\n"
+        elsewhere = sorted({s for also in group.loc[group["status"] != "duplicate", "also_in"]
+                            for s in also})
+        if elsewhere:
+            copies = sum(bool(a) for a in group.loc[group["status"] != "duplicate", "also_in"])
+            md += (f"\n{copies} of these runs also exist, with the same settings and seed, in "
+                   f"{', '.join(elsewhere)}; each table counts a run once.\n")
         bad = leftovers(group)
         if len(bad):
             md += "\nRuns without a number in the table:\n\n" + bad.to_markdown(index=False) + "\n"

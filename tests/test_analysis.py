@@ -23,7 +23,9 @@ def make_run(run_dir, overrides, status="completed", acc=None, result="ok", epoc
     """A run folder as train.py leaves it; result='broken' writes a truncated result.json."""
     (run_dir / ".hydra").mkdir(parents=True)
     settings = dict(o.lstrip("+").split("=", 1) for o in overrides)
-    config = config if config is not None else {"seed": int(settings.get("seed", 0)), "set": settings}
+    # the resolved config: the seed at the top (as Hydra's), every other setting under set.
+    config = config if config is not None else {
+        "seed": int(settings.get("seed", 0)), "set": {k: v for k, v in settings.items() if k != "seed"}}
     (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     choices = {k: v for k, v in settings.items() if "." not in k and k != "seed"}
     hydra = {"hydra": {"runtime": {"choices": {"hydra/launcher": "basic", **choices}},
