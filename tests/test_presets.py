@@ -79,9 +79,9 @@ def test_every_table_is_one_command_with_seeds_ci_and_a_reproduction_report(tmp_
     repro = (out / "reproduction.md").read_text()
     # smaller filters make these variants of the rows; synthetic data never gets a difference
     assert re.search(r"\| activation +\| LeakyReLU +\| +89\.45 \| variant: model.filters=\[8, 16, 32\] +\| "
-                     r"synthetic data +\| +\d+\.\d+ +\| \[\d+\.\d+, \d+\.\d+\] +\| +2 \|.*\| - \(not comparable\) \|", repro)
+                     r"synthetic data +\| fp32 +\| synthetic +\| +\d+\.\d+ +\| \[\d+\.\d+, \d+\.\d+\] +\| +2 \|.*\| - \(not comparable\) \|", repro)
     assert repro.count("| synthetic data ") == 13  # every table row, none pooled with other scales
-    assert re.search(r"\| future work +\| SWA +\| +85\.17 \| - +\| - +\| not run ", repro)
+    assert re.search(r"\| future work +\| SWA +\| +85\.17 \| - +\| - +\| - +\| - +\| not run ", repro)
 
 
 def test_scale_shrinks_the_swa_window_with_the_epochs():
