@@ -158,7 +158,8 @@ def _unread(node: dict, path: str = ""):
         known = _parameters(node["_target_"])
         for key, value in node.items():
             if known is not None and not key.startswith("_") and key not in known:
-                yield f"{path}.{key}", value, [f"{path}.{k}" for k in difflib.get_close_matches(key, known, 1)]
+                near = difflib.get_close_matches(key, known, 1)
+                yield f"{path}.{key}", value, [f"{path}.{k}" for k in near]
             elif isinstance(value, dict) and "_target_" in value:  # e.g. model.activation
                 yield from _unread(value, f"{path}.{key}")
         return
