@@ -76,8 +76,7 @@ def pick_precision(name: str, device: torch.device) -> Precision:
     name = resolve_precision(name, device)
     # NHWC is what cuDNN's tensor-core and oneDNN's CPU convolutions run fastest (on a 2-core AVX2
     # CPU, fp32 seed-CNN steps take 0.81x the time of NCHW's).
-    # (fp32 on a CPU stays NCHW: a GELU ResNet hung in channels_last there.)
-    channels_last = device.type in ("cpu", "cuda") and name != "fp32"
+    channels_last = device.type == "cpu" or (device.type == "cuda" and name != "fp32")
     if name == "fp32":
         return Precision(channels_last=channels_last)
     if name == "fp16":

@@ -36,6 +36,23 @@ class CNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+class StridedPointwise(nn.Conv2d):
+    """A strided 1x1 conv computed as "take every stride-th pixel, then a 1x1 conv".
+
+    The two are the same function, but oneDNN's own strided 1x1 backward (its "reduce to unit
+    stride" path) returns wrong weight gradients, or hangs, when the input has fewer channels than
+    its vector block (8 on AVX2, 16 on AVX-512), e.g. a channels_last ResNet with width=4 on an
+    AVX2 CPU. Subsampling first keeps every backend on its plain 1x1 kernel.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__(in_channels, out_channels, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.stride
+        return nn.functional.conv2d(x[:, :, ::s[0], ::s[1]], self.weight, self.bias)
+
+
 class BasicBlock(nn.Module):
     """act(BN(conv(act(BN(conv(x))))) + shortcut(x)), shortcut = 1x1 conv + BN if the shape changes."""
 
@@ -49,7 +66,7 @@ class BasicBlock(nn.Module):
         self.act2 = activation()
         self.shortcut = nn.Sequential()  # identity
         if stride != 1 or in_width != width:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_width, width, 1, stride=stride, bias=False),
+            self.shortcut = nn.Sequential(StridedPointwise(in_width, width, stride),
                                           nn.BatchNorm2d(width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 import ablate.loop
+from ablate.models import StridedPointwise
 from ablate.data import batches
 from ablate.record import BEST_WEIGHTS, CHECKPOINT_FILE, SWA_WEIGHTS, RunRecord
 from ablate.train import Interrupted, run
@@ -41,6 +43,21 @@ def test_resnet18_has_the_standard_size_and_output_shape():
     # four stages: the last one is 512 wide and 4x4 before the pool
     assert model.head[-1].in_features == 512
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_a_narrow_strided_shortcut_gets_the_exact_weight_gradient(memory_format):
+    # oneDNN's strided 1x1 backward on a CPU gets this wrong (or hangs) for 4 input channels in
+    # channels_last on AVX2; the shortcut must give what float64 arithmetic gives.
+    torch.manual_seed(0)
+    conv = StridedPointwise(4, 8, stride=2)
+    x = torch.randn(32, 4, 32, 32).contiguous(memory_format=memory_format)
+    grad_out = torch.randn(32, 8, 16, 16)
+    (grad_w,) = torch.autograd.grad(conv(x), conv.weight, grad_out)
+    expected = torch.einsum("nchw,nohw->oc", x[:, :, ::2, ::2].double(), grad_out.double())
+    torch.testing.assert_close(grad_w.double().view(8, 4), expected, rtol=1e-4, atol=1e-3)
+    reference = nn.functional.conv2d(x.double(), conv.weight.double(), stride=2)
+    torch.testing.assert_close(conv(x).double(), reference, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
