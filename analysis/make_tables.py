@@ -22,6 +22,12 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[-80:] or "runs"
 
 
+def printable(text: str) -> str:
+    """Text safe to write and print: bytes of a folder name that are not UTF-8 (which Python
+    carries as lone surrogates) become U+FFFD instead of failing the whole call."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def unique(name: str, taken: list[str]) -> str:
     """`name`, or name_2, name_3, ... when two sweep folders share a name."""
     stem, k = name.removesuffix(".png"), 2
@@ -71,6 +77,45 @@ def tuned_reports(runs, reports: list[dict], tune: list[str]) -> dict:
     return out
 
 
+def write_reports(out: Path, runs, frames: dict, reports: list[dict], tuned: dict,
+                  tune: list[str]) -> tuple[str, list[str]]:
+    """Write tables.md (with reproduction.md when some run reproduces the seed report) and the
+    plots into `out`; returns the markdown and the names written."""
+    from analysis.plots import curves_figure  # matplotlib is slow to import; only when needed
+    from analysis.tuning import budget_figure
+
+    prepare_out(out)
+    written, sections, curves = [], [], frames["metrics"]
+    for report in reports:
+        md = report["markdown"]
+        sweep_runs = runs[runs["sweep"] == report["sweep"]]
+        sweep_curves = curves[curves["run_dir"].isin(sweep_runs["run_dir"])]
+        if len(report["table"]) and len(sweep_curves):
+            name = unique(f"{slug(Path(report['sweep']).name)}.png", written)
+            curves_figure(sweep_runs, sweep_curves, report["keys"], report["title"]).savefig(out / name, dpi=110)
+            written.append(name)
+            md += f"\n![training curves]({name})\n"
+        if report["sweep"] in tuned:
+            table, budget = tuned[report["sweep"]]
+            title = tuned_title(table, report["arms"], tune)
+            name = unique(f"{slug(Path(report['sweep']).name)}_budget.png", written)
+            budget_figure(budget, report["arms"], tune, title).savefig(out / name, dpi=110)
+            written.append(name)
+            md += "\n" + tuned_markdown(table, report["arms"], tune, title)
+            md += f"\n![budget curves]({name})\n"
+        sections.append(md)
+    repro = reproduction_table(runs, load_seed_results(), hydra_composer())
+    if (repro["n"] > 0).any():  # only when some run reproduces a row of the seed report
+        sections.append(printable(reproduction_markdown(repro)))
+        (out / "reproduction.md").write_text(sections[-1])
+        written.append("reproduction.md")
+    text = printable("\n".join(sections))
+    (out / "tables.md").write_text(text)
+    written.append("tables.md")
+    (out / MANIFEST).write_text("\n".join(written))
+    return text, written
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", action="append", type=Path,
@@ -91,44 +136,17 @@ def main(argv: list[str] | None = None) -> int:
               "train some with `python ablate/train.py ...` first", file=sys.stderr)
         return 1
 
-    from analysis.plots import curves_figure  # matplotlib is slow to import; only when needed
-    from analysis.tuning import budget_figure
-
     reports = sweep_reports(runs)
     try:  # before anything is written: a sweep that cannot be tuned fairly stops the call
         tuned = tuned_reports(runs, reports, args.tune)
     except TuningError as err:
         raise SystemExit(f"error: {err}") from None
     out = args.out or default_out(roots)
-    prepare_out(out)
-    written, sections, curves = [], [], frames["metrics"]
-    for report in reports:
-        md = report["markdown"]
-        sweep_runs = runs[runs["sweep"] == report["sweep"]]
-        sweep_curves = curves[curves["run_dir"].isin(sweep_runs["run_dir"])]
-        if len(report["table"]) and len(sweep_curves):
-            name = unique(f"{slug(Path(report['sweep']).name)}.png", written)
-            curves_figure(sweep_runs, sweep_curves, report["keys"], report["title"]).savefig(out / name, dpi=110)
-            written.append(name)
-            md += f"\n![training curves]({name})\n"
-        if report["sweep"] in tuned:
-            table, budget = tuned[report["sweep"]]
-            title = tuned_title(table, report["arms"], args.tune)
-            name = unique(f"{slug(Path(report['sweep']).name)}_budget.png", written)
-            budget_figure(budget, report["arms"], args.tune, title).savefig(out / name, dpi=110)
-            written.append(name)
-            md += "\n" + tuned_markdown(table, report["arms"], args.tune, title)
-            md += f"\n![budget curves]({name})\n"
-        sections.append(md)
-    repro = reproduction_table(runs, load_seed_results(), hydra_composer())
-    if (repro["n"] > 0).any():  # only when some run reproduces a row of the seed report
-        sections.append(reproduction_markdown(repro))
-        (out / "reproduction.md").write_text(sections[-1])
-        written.append("reproduction.md")
-    text = "\n".join(sections)
-    (out / "tables.md").write_text(text)
-    written.append("tables.md")
-    (out / MANIFEST).write_text("\n".join(written))
+    try:  # a read-only or full --out: one line, not a traceback
+        text, written = write_reports(out, runs, frames, reports, tuned, args.tune)
+    except OSError as err:
+        raise SystemExit(f"error: cannot write the tables to {out}: "
+                         f"{err.strerror or err}{f' ({err.filename})' if err.filename else ''}") from None
     print(text)
     plots = sum(name.endswith(".png") for name in written)
     print(f"wrote {', '.join(n for n in written if n.endswith('.md'))} and {plots} "

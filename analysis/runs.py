@@ -19,9 +19,10 @@ from ablate.record import (CSV_FILES, HYDRA_CONFIG, HYDRA_RUNTIME, RESULT_FILE, 
                            identity, row_identity)
 
 STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
-# result.json fields analysis computes with, and the type each must have when present
-NUMBERS = ("seed", "epochs", "epochs_run", "final_test_acc", "best_test_acc", "best_val_acc",
-           "test_acc_at_best_val", "train_images", "val_images", "test_images", "scale")
+# result.json fields analysis computes with, when present: each a number in its range
+ACCURACIES = ("final_test_acc", "best_test_acc", "best_val_acc", "test_acc_at_best_val")
+COUNTS = ("epochs", "epochs_run", "train_images", "val_images", "test_images")
+NUMBERS = ("seed", "scale", *ACCURACIES, *COUNTS)
 MAPPINGS = ("choices", "extra")
 # what a run's row always has, from its folder; then what it takes from result.json as it is
 COLUMNS = ("run_dir", "sweep", "status", "error", "choices", "overrides", "config", "identity",
@@ -151,8 +152,19 @@ def read_result(run_dir: Path) -> dict | None:
     if record.get("status") not in STATUSES:
         raise Unreadable(f"{RESULT_FILE}: status {record.get('status')!r} is none of {', '.join(STATUSES)}")
     for key in NUMBERS:
-        if record.get(key) is not None and not _is_number(record[key]):
-            raise Unreadable(f"{RESULT_FILE}: {key} is {record[key]!r}, not a number")
+        value = record.get(key)
+        if value is None:
+            continue
+        if key in ACCURACIES and _is_number(value) and math.isnan(value):
+            continue  # no accuracy (a run can end without one): the row says so
+        if not _is_number(value) or not math.isfinite(value):
+            raise Unreadable(f"{RESULT_FILE}: {key} is {value!r}, not a finite number")
+        if key in ACCURACIES and not 0 <= value <= 1:
+            raise Unreadable(f"{RESULT_FILE}: {key} is {value!r}, not an accuracy in [0, 1]")
+        if key in COUNTS and (value < 0 or value != int(value)):
+            raise Unreadable(f"{RESULT_FILE}: {key} is {value!r}, not a count (a whole number >= 0)")
+        if key == "scale" and value <= 0:
+            raise Unreadable(f"{RESULT_FILE}: scale is {value!r}, not > 0")
     for key in MAPPINGS:
         if record.get(key) is not None and not isinstance(record[key], dict):
             raise Unreadable(f"{RESULT_FILE}: {key} is a {type(record[key]).__name__}, not a mapping")
@@ -173,7 +185,24 @@ def read_csv(path: Path) -> pd.DataFrame | None:
         except (ValueError, TypeError):
             bad = frame[column][pd.to_numeric(frame[column], errors="coerce").isna() & frame[column].notna()]
             raise Unreadable(f"{path.name}: column {column!r} holds {bad.iloc[0]!r}, not a number") from None
+    check_rows(frame, path.name)
     return frame
+
+
+def check_rows(frame: pd.DataFrame, name: str) -> None:
+    """Epochs each once and in increasing order; accuracies in [0, 1] or missing."""
+    if "epoch" in frame:
+        epochs = frame["epoch"]
+        if epochs.isna().any() or not (epochs == epochs.round()).all() or (epochs < 0).any():
+            raise Unreadable(f"{name}: column 'epoch' holds a value that is not a whole number >= 0")
+        if not epochs.is_unique or not epochs.is_monotonic_increasing:
+            first = epochs[epochs.duplicated() | (epochs.diff() <= 0)].iloc[0]
+            raise Unreadable(f"{name}: epoch {first:g} comes twice or out of order")
+    for column in frame:
+        if str(column).endswith("_acc"):
+            bad = frame[column][frame[column].notna() & ~frame[column].between(0, 1)]
+            if len(bad):
+                raise Unreadable(f"{name}: {column} is {bad.iloc[0]:g}, not an accuracy in [0, 1]")
 
 
 def usable_accuracy(record: dict) -> tuple[float, str]:

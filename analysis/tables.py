@@ -152,9 +152,12 @@ def p_value(a: dict, b: dict, paired: bool) -> tuple[float, str]:
     """p-value and test name for per-seed accuracies a vs b: paired on shared seeds, else Welch."""
     common = sorted(set(a) & set(b))
     if paired and len(common) >= 2:
-        x, y, name = np.array([a[s] for s in common]), np.array([b[s] for s in common]), "paired"
+        x, y = np.array([a[s] for s in common]), np.array([b[s] for s in common])
+        # a seed only one of the two rows has cannot be paired: say how many the test used
+        name = "paired" if len(common) == max(len(a), len(b)) else \
+            f"paired on the {len(common)} shared of {len(set(a) | set(b))} seeds"
         if np.all(x - y == (x - y)[0]):  # constant differences: a t-test has no spread to use
-            return math.nan, "paired"
+            return math.nan, name
         return float(stats.ttest_rel(x, y).pvalue), name
     x, y = np.array(list(a.values())), np.array(list(b.values()))
     if len(x) < 2 or len(y) < 2 or (np.std(x) == 0 and np.std(y) == 0):
@@ -193,7 +196,7 @@ def compare_with_best(table: pd.DataFrame) -> pd.DataFrame:
 def verdict_text(row: pd.Series) -> str:
     """'worse (paired p=0.004, Holm p=0.008)', or the verdict alone when untested."""
     if math.isnan(row["p_vs_best"]):
-        return row["verdict"]
+        return row["verdict"] + (f" ({row['test']})" if row["test"].startswith("paired on") else "")
     return f"{row['verdict']} ({row['test']} p={row['p_vs_best']:.3f}, Holm p={row['p_holm']:.3f})"
 
 

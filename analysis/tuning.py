@@ -23,7 +23,7 @@ def check_tunable(runs: pd.DataFrame, keys: list[str], tune: list[str]) -> None:
         raise TuningError(f"--tune {', '.join(missing)}: not a swept key here "
                           f"(swept: {', '.join(keys) or 'none'})")
     done = runs[runs["status"] == "completed"]
-    no_val = done[done["best_val_acc"].isna() | ~(done["val_images"].fillna(0) > 0)]
+    no_val = done[~(done["val_images"].fillna(0) > 0)]  # a split with no number is another matter
     if len(no_val):
         raise TuningError(
             f"--tune needs a validation split, and {len(no_val)} of {len(done)} completed runs have "
@@ -45,7 +45,10 @@ def tuned_table(runs: pd.DataFrame, keys: list[str], tune: list[str]) -> pd.Data
     over seeds, and the arm's test accuracy there (mean, sd, interval, n, per seed)."""
     check_tunable(runs, keys, tune)
     arms = [k for k in keys if k not in tune]
-    done = label(runs[(runs["status"] == "completed") & runs["acc"].notna()], keys)
+    usable = (runs["status"] == "completed") & runs["acc"].notna() & runs["best_val_acc"].notna()
+    done = label(runs[usable], keys)
+    # runs of the grid that give no number (diverged, failed, ...): the row says how many
+    lost = label(runs[~usable & ~runs["status"].isin(("duplicate", "unreadable", "unfinished"))], keys)
     out = []
     for arm_values, arm in (done.groupby(arms, sort=False) if arms else [((), done)]):
         arm_values = arm_values if isinstance(arm_values, tuple) else (arm_values,)
@@ -53,6 +56,8 @@ def tuned_table(runs: pd.DataFrame, keys: list[str], tune: list[str]) -> pd.Data
         choice = val.idxmax()  # the validation set decides; the test set is only read afterwards
         choice = choice if isinstance(choice, tuple) else (choice,)
         chosen = arm[np.logical_and.reduce([arm[k] == v for k, v in zip(tune, choice)])]
+        cell = lost[np.logical_and.reduce([lost[k] == v for k, v in zip([*arms, *tune], [*arm_values, *choice])])] \
+            if len(lost) else lost
         acc = chosen["acc"].to_numpy(dtype=float) * 100
         mean, sd = mean_sd(acc)
         lo, hi = bootstrap_interval(acc)
@@ -61,7 +66,8 @@ def tuned_table(runs: pd.DataFrame, keys: list[str], tune: list[str]) -> pd.Data
         out.append({**dict(zip(arms, arm_values)), "chosen": dict(zip(tune, choice)), "units": units,
                     "grid": len(val), "val_mean": float(val.max()) * 100, "n": len(acc), "mean": mean,
                     "std": sd, "ci_low": lo, "ci_high": hi, "seeds": dict(zip(chosen["seed"], acc)),
-                    "pairing": common_pairing(chosen)})
+                    "pairing": common_pairing(chosen),
+                    "lost": ", ".join(f"{n} {status}" for status, n in cell["status"].value_counts().items())})
     return compare_with_best(pd.DataFrame(out))
 
 
@@ -84,12 +90,14 @@ def tuned_markdown(table: pd.DataFrame, arms: list[str], tune: list[str], title:
     shown["95% bootstrap interval"] = [f"[{fmt(lo)}, {fmt(hi)}]" if not math.isnan(lo) else "-"
                                        for lo, hi in zip(table["ci_low"], table["ci_high"])]
     shown["n"] = table["n"]
+    shown["Seeds without a number"] = [lost or "-" for lost in table["lost"]]
     shown["Grid"] = table["grid"]
     shown["vs best"] = [verdict_text(row) for _, row in table.iterrows()]
     note = (f"Tuned over {', '.join(tune)}: per arm, the value with the best mean validation accuracy "
             f"over seeds (Val acc), and the arm's test accuracy at the epoch of best validation "
             f"accuracy for that value (mean ± sd over seeds, 95% percentile-bootstrap interval). The "
-            f"test set plays no part in the choice. vs best: {TESTS_NOTE}")
+            f"test set plays no part in the choice; seeds of the chosen value that ended without a "
+            f"number (diverged, failed) are counted apart, never averaged in. vs best: {TESTS_NOTE}")
     return f"### Tuned: {title}\n\n{shown.to_markdown(index=False)}\n\n{note}\n"
 
 
