@@ -78,8 +78,8 @@ class SweepSummary(Callback):
             outcome = job_return.return_value  # re-raises what the task raised
         except Exception as err:
             outcome = JobOutcome("failed", f"{type(err).__name__}: {err}")
-        if not isinstance(outcome, JobOutcome):
-            outcome = JobOutcome("failed", f"the task returned {outcome!r}")
+        if not isinstance(outcome, JobOutcome):  # another app's task (composed from this conf/)
+            outcome = JobOutcome("completed", f"the task returned {outcome!r}")
         report = {"folder": Path(config.hydra.runtime.output_dir).name, **outcome.report()}
         write_atomic(self.reports / f"{config.hydra.job.num}.json", json.dumps(report) + "\n")
 

@@ -471,6 +471,9 @@ def train_stack(jobs: list[Job], ckpts: list[dict | None]) -> list[RunRecord]:
                 saved_rng = ckpt["rng_cpu"] if device.type == "cpu" else ckpt.get("rng_cuda")
                 if saved_rng is not None:
                     member.rng.set_state(saved_rng)
+                summarize(member.state.rows, record)  # its epochs so far, as a run alone keeps them
+                record.images_per_second = \
+                    member.state.train_images / max(member.state.train_seconds, 1e-9)
                 log.info("resuming %s after epoch %d", job.run_dir, member.state.epoch)
             models.append(model.to(device))
             members.append(member)

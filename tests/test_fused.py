@@ -182,6 +182,33 @@ def test_a_model_drawing_other_random_numbers_is_refused():
         stack.train_forward(torch.zeros(2, 4, 3, 32, 32), torch.zeros(2, 4, dtype=torch.long), rngs)
 
 
+def test_rerunning_members_that_diverged_keeps_the_epochs_they_finished(tmp_path, monkeypatch):
+    real, calls, explode_at = fused.train_stack_epoch, [], [2]
+
+    def explode_two_members(stack, *args, **kwargs):  # seeds 1 and 7, in the epoch explode_at
+        out = real(stack, *args, **kwargs)
+        calls.append(stack.size)
+        if len(calls) == explode_at[0]:
+            for m in ([1, 2] if stack.size == 3 else [0, 1]):
+                out["loss"][m] = 20 * out["first_loss"][m]
+        return out
+
+    monkeypatch.setattr(fused, "train_stack_epoch", explode_two_members)
+    jobs = fused_jobs(tmp_path, CASES["ce-adam-cosine"], seeds=(0, 1, 7))
+    assert run_group(jobs) == ["completed", "diverged", "diverged"]
+    first = [RunRecord.load(job.run_dir) for job in jobs[1:]]
+    assert [r.epochs_run for r in first] == [1, 1] and all(r.final_test_acc is not None for r in first)
+    # the re-run resumes both from epoch 1, together, and they diverge again in epoch 2
+    calls.clear()
+    explode_at[0] = 1
+    assert run_group(jobs) == ["skipped", "diverged", "diverged"]
+    assert calls == [2]
+    for before, job in zip(first, jobs[1:]):
+        after = RunRecord.load(job.run_dir)
+        assert (after.status, after.epochs_run, after.final_test_acc, after.best_test_acc) == \
+            (before.status, before.epochs_run, before.final_test_acc, before.best_test_acc)
+
+
 # ----------------------------------------------------------------------------- the launcher
 
 def records(sweep_dir):
@@ -259,3 +286,34 @@ def test_sigterm_mid_group_then_rerun_equals_an_uninterrupted_fused_run(tmp_path
         pd.testing.assert_frame_equal(metrics(folder(whole, k)).drop(columns="seconds"),
                                       metrics(folder(cut, k)).drop(columns="seconds"),
                                       check_exact=True)
+
+
+def test_another_applications_task_function_is_called_not_replaced(tmp_path):
+    # An app of someone else's composed from this conf/: the fused launcher must run *its* function.
+    app = tmp_path / "app.py"
+    app.write_text(
+        "import pathlib, hydra\nfrom hydra.core.hydra_config import HydraConfig\n"
+        f"@hydra.main(version_base='1.3', config_path={str(CONF)!r}, config_name='config')\n"
+        "def app(cfg):\n"
+        "    out = pathlib.Path(HydraConfig.get().runtime.output_dir)\n"
+        "    (out / f'called_with_seed_{cfg.seed}').write_text('yes')\n"
+        "    return 0\n"
+        "app()\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "1"}
+    proc = subprocess.run([sys.executable, str(app), "-m", "hydra/launcher=fused", "seed=0,1", *LAUNCH,
+                           f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "only ablate's own training fuses" in proc.stdout + proc.stderr
+    called = sorted(p.name for p in (tmp_path / "sweep").rglob("called_with_seed_*"))
+    assert called == ["called_with_seed_0", "called_with_seed_1"]
+    assert not list((tmp_path / "sweep").rglob("result.json"))  # ablate's training never ran
+
+
+def test_a_seed_typed_twice_trains_once_and_the_repeat_is_skipped(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_script("ablate/train.py", "-m", "hydra/launcher=fused", "seed=0,0,1", *LAUNCH,
+                      f"hydra.sweep.dir={sweep}")
+    out = proc.stdout + proc.stderr
+    assert "3 jobs: 2 completed, 1 skipped" in out and "refused" not in out
+    assert "fused 2 seeds (0, 1)" in out

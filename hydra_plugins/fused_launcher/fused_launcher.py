@@ -93,8 +93,14 @@ class FusedLauncher(Launcher):
             HydraConfig.instance().set_config(sweep_config)  # for ${hydra:...} in the job config
             groups.setdefault(seedless_key(sweep_config) or f"alone {i}", []).append(i)
         returns: list[JobReturn | None] = [None] * len(configs)
+        foreign = self._foreign_task()
+        repeats = []  # a job typed twice (seed=0,0): it runs after its group, as the basic
+        for key, members in groups.items():  # launcher runs a repeat (and skips it, done)
+            seeds = [str(configs[i].get("seed")) for i in members]
+            repeats += [i for k, i in enumerate(members) if seeds[k] in seeds[:k]]
+            groups[key] = [i for i in members if i not in repeats]
         for members in groups.values():
-            reason = "one seed" if len(members) == 1 else self._why_not_fused(configs[members[0]])
+            reason = "one seed" if len(members) == 1 else foreign or self._why_not_fused(configs[members[0]])
             if reason is None:
                 for i, ret in zip(members, self._run_fused([configs[i] for i in members])):
                     returns[i] = ret
@@ -103,7 +109,19 @@ class FusedLauncher(Launcher):
                 log.info("jobs %s run one by one: %s", members, reason)
             for i in members:
                 returns[i] = self._run_alone(configs[i])
+        for i in repeats:
+            returns[i] = self._run_alone(configs[i])
         return returns
+
+    def _foreign_task(self) -> str | None:
+        """Why jobs cannot fuse whatever their configs: fusing trains with ablate's own loop, so
+        another application's task function (composed from this conf/) runs as it would alone."""
+        from ablate import train
+
+        if self.task_function is getattr(train.main, "__wrapped__", None):
+            return None
+        name = f"{getattr(self.task_function, '__module__', '?')}.{getattr(self.task_function, '__qualname__', '?')}"
+        return f"the task function is {name}, not ablate.train.main; only ablate's own training fuses"
 
     def _why_not_fused(self, sweep_config: DictConfig) -> str | None:
         from ablate.fused import fusable
