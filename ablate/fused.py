@@ -32,8 +32,8 @@ from torch.func import functional_call, stack_module_state, vmap
 from ablate.checkpoint import atomic_torch_save, link_seed_name, load_checkpoint, save_finished
 from ablate.data import batches
 from ablate.loop import Diverged, FitState, Precision, divergence, pick_precision, summarize
-from ablate.record import (BEST_WEIGHTS, CHECKPOINT_FILE, STEPS_FILE, RunRecord, identity,
-                           write_metrics)
+from ablate.record import (BEST_WEIGHTS, CHECKPOINT_FILE, STEPS_FILE, RunRecord, WriteError,
+                           identity, write_metrics)
 from ablate.savers import append_steps
 
 log = logging.getLogger("ablate")
@@ -419,6 +419,9 @@ def run_group(jobs: list[Job]) -> list[str]:
                 records = train_stack([jobs[i] for i, _ in group], [ckpt for _, ckpt in group])
         except Interrupted:
             raise
+        except WriteError as err:  # disk full or read-only: one line, the records say whose file
+            log.error("training %s stopped: %s", ", ".join(str(jobs[i].run_dir) for i, _ in group), err)
+            continue
         except Exception as err:  # the records say failed; the group's other jobs go on
             log.exception("training %s failed", ", ".join(str(jobs[i].run_dir) for i, _ in group))
             for i, _ in group:
@@ -512,16 +515,23 @@ def train_stack(jobs: list[Job], ckpts: list[dict | None]) -> list[RunRecord]:
                 record.status, record.error = "interrupted", f"stopped by {err}; re-run to resume"
         raise
     except Exception as err:
-        for record in records:
-            if record.status == "running":
-                record.status, record.error = "failed", f"{type(err).__name__}: {err}"
+        for job, record in zip(jobs, records):
+            if record.status != "running":
+                continue
+            record.status, record.error = "failed", f"{type(err).__name__}: {err}"
+            if isinstance(err, WriteError):  # one member's file (disk full) stops the group
+                record.error = str(err) if str(job.run_dir) in str(err) else \
+                    f"stopped with its fused group: {err}"
         raise
     finally:
         elapsed = time.perf_counter() - start
         for job, record in zip(jobs, records):
             if record.status != "diverged":  # a dropped member's time was counted when it left
                 record.wall_seconds += elapsed
-                record.save(job.run_dir)
+                try:
+                    record.save(job.run_dir)
+                except WriteError as err:  # its last good record stays on disk
+                    log.error("%s", err)
     for member in members:
         if member.record.status == "completed":  # with the completed record safely on disk
             save_finished(member.job.run_dir, identity=member.record.config_hash,

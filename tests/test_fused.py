@@ -1,4 +1,5 @@
 """Fused seeds (ablate/fused.py, hydra/launcher=fused): each member ends as its seed's run alone."""
+import errno
 import json
 import math
 import os
@@ -16,7 +17,7 @@ from torch import nn
 from ablate import fused
 from ablate.fused import Job, Stack, fusable, optimizer_acts_per_member, run_group
 from ablate.loop import step_scheduler
-from ablate.record import RunRecord
+from ablate.record import RunRecord, WriteError
 from ablate.train import build, run
 from conftest import CONF, REPO, TINY, compose_cfg, run_script
 
@@ -317,3 +318,20 @@ def test_a_seed_typed_twice_trains_once_and_the_repeat_is_skipped(tmp_path):
     out = proc.stdout + proc.stderr
     assert "3 jobs: 2 completed, 1 skipped" in out and "refused" not in out
     assert "fused 2 seeds (0, 1)" in out
+
+
+def test_a_full_disk_in_one_member_fails_the_group_in_one_line_naming_whose_file(tmp_path, monkeypatch, caplog):
+    real = fused.atomic_torch_save
+
+    def full_for_seed_0(obj, path):
+        if path.parent.name == "fused0" and path.name == "checkpoint.pt":
+            raise WriteError(errno.ENOSPC, f"cannot write {path}: No space left on device")
+        return real(obj, path)
+
+    monkeypatch.setattr(fused, "atomic_torch_save", full_for_seed_0)
+    jobs = fused_jobs(tmp_path, CASES["ce-adam-cosine"])
+    assert run_group(jobs) == ["failed", "failed"]  # no traceback escapes
+    full = f"cannot write {jobs[0].run_dir / 'checkpoint.pt'}: No space left on device"
+    assert RunRecord.load(jobs[0].run_dir).error == full
+    assert RunRecord.load(jobs[1].run_dir).error == f"stopped with its fused group: {full}"
+    assert "Traceback" not in caplog.text and full in caplog.text
