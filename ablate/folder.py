@@ -40,6 +40,8 @@ def locked(run_dir: Path):
     try:
         with contextlib.suppress(OSError):  # the pid only names the holder; a full disk refuses it
             os.write(fd, f"{os.getpid()}\n".encode())
+        for stale in Path(run_dir).glob(".*.tmp"):  # half-written files of a killed writer: with
+            stale.unlink(missing_ok=True)           # the lock held, nobody else writes here
         yield
     finally:
         with contextlib.suppress(FileNotFoundError):

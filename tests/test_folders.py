@@ -161,3 +161,12 @@ def test_the_sweep_summary_counts_this_sweeps_jobs_only(tmp_path):
         proc = run_script("ablate/train.py", "-m", *TINY1, f"hydra.sweep.dir={sweep}", check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1 and "1 job: 1 refused" in out and "is in use" in out
+
+
+def test_holding_a_folder_clears_what_a_killed_writer_left_half_written(tmp_path):
+    # a SIGKILL between writing a temporary and renaming it leaves .<name>.<pid>.tmp behind
+    (tmp_path / ".metrics.csv.4242.tmp").write_text("epoch,test_acc\n1,0.")
+    (tmp_path / ".checkpoint.pt.4242.tmp").write_bytes(b"PK")
+    (tmp_path / "metrics.csv").write_text("epoch,test_acc\n1,0.5\n")
+    with locked(tmp_path):
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "metrics.csv"]
