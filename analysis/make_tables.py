@@ -1,6 +1,6 @@
 """Markdown accuracy tables and training-curve plots from every run under the given roots.
 
-    python analysis/make_tables.py [--root DIR ...] [--out DIR] [--tune KEY ...]
+    python analysis/make_tables.py [--root DIR ...] [--out DIR] [--tune KEY ...] [--plan]
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import re
 import sys
 from pathlib import Path
 
+from analysis.plan import plan_markdown, plan_table
 from analysis.reproduction import hydra_composer, load_seed_results, reproduction_table
 from analysis.reproduction import to_markdown as reproduction_markdown
 from analysis.runs import collect
@@ -125,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune", action="append", default=[], metavar="KEY",
                         help="a swept key to tune per arm on validation accuracy (repeatable), "
                              "e.g. optim.lr; adds a tuned table and a budget plot per sweep")
+    parser.add_argument("--plan", action="store_true",
+                        help="for each row whose verdict against the best is open, estimate how many "
+                             "more seeds would settle it and print the command that adds them")
     args = parser.parse_args(argv)
     roots = args.root or [Path("outputs"), Path("multirun")]
     missing = [str(r) for r in roots if not r.is_dir()]
@@ -137,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     reports = sweep_reports(runs)
+    if args.plan:
+        for report in reports:
+            comparisons = max(len(report["table"]) - 1, 1)
+            report["markdown"] += "\n" + plan_markdown(plan_table(report["table"], report["sweep"]),
+                                                       report["sweep"], comparisons)
     try:  # before anything is written: a sweep that cannot be tuned fairly stops the call
         tuned = tuned_reports(runs, reports, args.tune)
     except TuningError as err:
