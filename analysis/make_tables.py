@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         for report in reports:
             comparisons = max(len(report["table"]) - 1, 1)
-            report["markdown"] += "\n" + plan_markdown(plan_table(report["table"], report["sweep"]),
+            report["markdown"] += "\n" + plan_markdown(plan_table(report["table"], report["sweep"], report["keys"]),
                                                        report["sweep"], comparisons)
     try:  # before anything is written: a sweep that cannot be tuned fairly stops the call
         tuned = tuned_reports(runs, reports, args.tune)

@@ -71,7 +71,7 @@ def row_overrides(row: pd.Series) -> list[str]:
     return [f"{k}={v}" for k, v in row["typed"].items()]
 
 
-def plan_table(table: pd.DataFrame, sweep: str) -> pd.DataFrame:
+def plan_table(table: pd.DataFrame, sweep: str, keys: list[str] = ()) -> pd.DataFrame:
     """One line per open row: observed difference, seeds needed per row, and the command."""
     if table.empty or (table["verdict"] == "best").sum() != 1:
         return pd.DataFrame()
@@ -86,7 +86,8 @@ def plan_table(table: pd.DataFrame, sweep: str) -> pd.DataFrame:
         effect = standardized_effect(row, best, paired)
         have = min(row["n"], best["n"])
         need = seeds_needed(effect, alpha, paired, start=have)
-        line = {"row": ", ".join(row_overrides(row)) or "defaults", "n": int(row["n"]),
+        name = [f"{k}={row[k]}" for k in keys] or row_overrides(row)
+        line = {"row": ", ".join(name) or "defaults", "n": int(row["n"]),
                 "best_n": int(best["n"]), "difference": best["mean"] - row["mean"],
                 "test": "paired" if paired else "Welch", "effect": effect,
                 "seeds_needed": need, "commands": []}
