@@ -46,6 +46,15 @@ class JobOutcome(float):
         val = record.best_val_acc if status in ("completed", "skipped") else None
         return cls(status, record.error or "", record.final_test_acc, val)
 
+    def __float__(self) -> float:
+        """The score a tuning sweeper reads; a job without one raises, which the Optuna sweeper
+        turns into a failed trial (telling Optuna a NaN would end the whole study)."""
+        value = super().__float__()
+        if math.isnan(value):
+            raise ValueError(f"no validation accuracy: the job {self.status}"
+                             + (f" ({self.message})" if self.message else ""))
+        return value
+
     def __reduce__(self):  # launchers pickle it back from their workers
         return JobOutcome, (self.status, self.message, self.final_test_acc, self.val_acc)
 
