@@ -1,6 +1,7 @@
 """Analysis on hand-made run folders: tables, statistics, damaged, copied and failed runs, plots."""
 import json
 import math
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -13,8 +14,10 @@ from scipy import stats
 from analysis import make_tables
 from analysis.plots import curves_figure
 from analysis.reproduction import hydra_composer, reproduction_table
+from analysis import runs
 from analysis.runs import collect
 from analysis.tables import bootstrap_interval, sweep_reports
+from ablate.record import identity, row_identity
 from conftest import compose_cfg, run_script
 
 
@@ -290,3 +293,72 @@ def test_reproduction_compares_like_with_like(tmp_path):
     for row in (variant, synth, short):
         assert row["Difference (pts)"] == "- (not comparable)"
     assert len(table) == 4  # nothing pooled across scales, sources or settings
+
+
+# ----------------------------------------------------------------------------- reading at scale
+
+PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("overrides", [[], ["scale=0.3"], *([f"+experiment={p}"] for p in PRESETS)])
+def test_configs_resolve_without_omegaconf_exactly_as_with_it(overrides):
+    """config.yaml as Hydra writes it: read once, its interpolations resolved here, the same
+    tree (and so the same identity) as OmegaConf gives."""
+    text = OmegaConf.to_yaml(compose_cfg(overrides))
+    tree = yaml.load(text, Loader=runs.ConfigLoader)
+    expected = OmegaConf.to_container(OmegaConf.create(text), resolve=True)
+    assert runs.resolve_omegaconf(tree) == expected
+    try:
+        assert runs.resolve_plain(tree) == expected
+    except runs._NotPlain:  # only a preset using OmegaConf's own resolvers is left to OmegaConf
+        assert overrides and "${oc." in text
+
+
+@pytest.mark.parametrize("text", [
+    "seed: 0\nn: 3\nname: run_${n}\n", "seed: 0\nb: ${nope.x}\n", "seed: 0\na: ${b}\nb: ${a}\n",
+    "seed: 0\na: ???\nb: ${a}\n", "seed: 0\na: {b: 1}\nc: ${a}\n", "seed: 0\n'a.b': 1\nc: ${a.b}\n",
+    "seed: 0\nh: ${oc.env:HOME}\n", "seed: 0\nscale: 0.5\nepochs: ${scaled:7}\nx: ${epochs}\n",
+    "seed: 0\ns: 0.25\nscale: ${s}\nepochs: ${scaled:8}\n", "seed: 0\nlr: 1e-3\nwhen: 2024-01-01\n"])
+def test_unusual_configs_get_the_identity_omegaconf_gives(tmp_path, text):
+    run = make_run(tmp_path / "r", ["seed=0"], acc=0.5)
+    (run / ".hydra" / "config.yaml").write_text(text)
+    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+    try:
+        tree = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:
+        tree = OmegaConf.to_container(cfg, resolve=False)
+    row = collect([tmp_path])[0].iloc[0]
+    assert row["status"] == "completed" and row["identity"] == identity(tree)
+    assert row["row_identity"] == row_identity(tree)
+
+
+def test_cached_collect_equals_a_fresh_one_and_sees_every_change(tmp_path, monkeypatch):
+    monkeypatch.setenv("ABLATE_CACHE", str(tmp_path / "cache"))
+    root = make_sweep(tmp_path / "s", {"ce": [0.8, 0.82], "mse": [0.7, 0.72]}, key="loss")
+    (root / "1" / "metrics.csv").write_text("epoch,train_loss,test_acc,grad_norm\n1,2,0.5,3.0\n2,1,0.8,2\n")
+    make_run(root / "9", ["loss=ce", "seed=9"], result="broken")
+    fresh = collect([root])
+    monkeypatch.setattr(runs, "CACHE_MIN_RUNS", 0)
+    for _ in range(2):  # writes the cache, then reads it
+        cached = collect([root])
+        pd.testing.assert_frame_equal(cached[0], fresh[0])
+        pd.testing.assert_frame_equal(cached[1]["metrics"], fresh[1]["metrics"])
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    damage(root / "0", "bad metrics")  # a file changed after it was cached
+    (root / "9" / "result.json").write_text(json.dumps({"status": "completed", "final_test_acc": 0.9}))
+    by_dir = collect([root])[0].set_index("run_dir")
+    assert by_dir.at[str(root / "0"), "status"] == "unreadable" and "metrics.csv" in by_dir.at[str(root / "0"), "error"]
+    assert by_dir.at[str(root / "9"), "status"] == "completed" and by_dir.at[str(root / "9"), "acc"] == 0.9
+    for cache in (tmp_path / "cache").iterdir():
+        cache.write_bytes(b"not a pickle")  # a damaged cache is ignored and rewritten
+    pd.testing.assert_frame_equal(collect([root])[0], by_dir.reset_index()[collect([root])[0].columns])
+
+
+def test_stacking_gives_what_concatenating_frames_gives():
+    a = pd.DataFrame({"epoch": [1, 2], "test_acc": [0.1, 0.2]})
+    b = pd.DataFrame({"epoch": [1.0], "grad_norm": [3.0], "test_acc": [0.3]})
+    c = pd.DataFrame({"epoch": [1], "flag": [True]})
+    for frames in ([a, b], [a, a], [a, c], [b, c], [a, pd.DataFrame({"epoch": []})]):
+        pieces = [(f"run{i}", runs._columns(f.copy())) for i, f in enumerate(frames)]
+        expected = pd.concat([f.assign(run_dir=f"run{i}") for i, f in enumerate(frames)], ignore_index=True)
+        pd.testing.assert_frame_equal(runs.stack(pieces), expected)
