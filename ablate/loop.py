@@ -22,6 +22,7 @@ from ablate.data import ImageData, batches, num_batches
 from ablate.record import RunRecord, from_fields, write_metrics
 
 log = logging.getLogger(__name__)
+PROGRESS_SECONDS = 30.0  # without a terminal (no tqdm bar), a progress line at most this often
 
 
 class Diverged(RuntimeError):
@@ -89,6 +90,23 @@ def l1_penalty(model: nn.Module) -> torch.Tensor:
     return sum(p.abs().sum() for p in model.parameters())
 
 
+class Progress:
+    """An epoch's progress as a log line at most every PROGRESS_SECONDS: images done of the
+    epoch's, images per second so far, and the running mean loss (the one sync it costs)."""
+
+    def __init__(self, desc: str, images: int):
+        self.desc, self.images = desc, images
+        self.start = self.last = time.perf_counter()
+
+    def step(self, seen: int, total_loss: torch.Tensor) -> None:
+        now = time.perf_counter()
+        if now - self.last < PROGRESS_SECONDS or seen >= self.images:
+            return  # the epoch's own line follows its last step
+        self.last = now
+        log.info("%s: %d/%d images (%.0f%%) | %.0f images/s | running loss %.4f", self.desc, seen,
+                 self.images, 100 * seen / self.images, seen / (now - self.start), total_loss.item() / seen)
+
+
 def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn: nn.Module,
                     optimizer: torch.optim.Optimizer, batch_size: int, generator: torch.Generator,
                     l1_lambda: float = 0.0, grad_clip: float | None = None,
@@ -105,8 +123,11 @@ def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_
     seen = 0
     # A disabled scaler passes everything straight through to backward() and optimizer.step().
     scaler = precision.scaler or torch.amp.GradScaler(device.type, enabled=False)
+    total_steps = num_batches(len(y), batch_size, train=True)
     steps = tqdm(batches(x, y, batch_size, generator=generator, augment=True), desc=desc,
-                 total=num_batches(len(y), batch_size, train=True), leave=False, disable=None)
+                 total=total_steps, leave=False, disable=None)
+    # tqdm draws no bar without a terminal (a launcher's log, SLURM): a line now and then instead
+    progress = Progress(desc, min(len(y), total_steps * batch_size)) if steps.disable else None
     for inputs, targets in steps:
         inputs = precision.prepare(inputs)
         for cb in callbacks:
@@ -136,6 +157,8 @@ def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_
         seen += len(targets)
         for cb in callbacks:
             cb.after_step(loss.detach())
+        if progress is not None:
+            progress.step(seen, total_loss)
     total, first = torch.stack([total_loss, first_loss]).tolist()  # the epoch's one sync
     return {"loss": total / seen, "first_loss": first, "acc": correct.item() / seen, "images": seen}
 
