@@ -26,8 +26,8 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from ablate import resolvers
-from ablate.record import (CSV_FILES, HYDRA_CONFIG, HYDRA_RUNTIME, RESULT_FILE, SWEEP_FILE,
-                           identity, row_identity)
+from ablate.record import (CSV_FILES, HYDRA_CONFIG, HYDRA_RUNTIME, METRICS_FILE, RESULT_FILE,
+                           SWEEP_FILE, identity, row_identity)
 
 STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
 # result.json fields analysis computes with, when present: each a number in its range
@@ -432,7 +432,7 @@ def read_csv(path: Path) -> pd.DataFrame | None:
     return frame
 
 
-def _rows_fine(frame: pd.DataFrame) -> bool:
+def _rows_fine(frame: pd.DataFrame, per_epoch: bool = True) -> bool:
     """check_rows' checks on the NumPy arrays (a tenth of the time); False when unsure."""
     for column in frame:
         is_epoch, is_acc = column == "epoch", str(column).endswith("_acc")
@@ -442,7 +442,7 @@ def _rows_fine(frame: pd.DataFrame) -> bool:
         if values.dtype.kind not in "if":
             return False
         if is_epoch and (np.isnan(values).any() or (values != np.round(values)).any() or (values < 0).any()
-                         or (np.diff(values) <= 0).any()):  # strictly increasing: unique and in order
+                         or per_epoch and (np.diff(values) <= 0).any()):  # strictly increasing: once, in order
             return False
         if is_acc and ((values < 0) | (values > 1)).any():  # NaN compares False: missing is fine
             return False
@@ -450,14 +450,16 @@ def _rows_fine(frame: pd.DataFrame) -> bool:
 
 
 def check_rows(frame: pd.DataFrame, name: str) -> None:
-    """Epochs each once and in increasing order; accuracies in [0, 1] or missing."""
-    if _rows_fine(frame):
+    """Epochs whole numbers >= 0, in metrics.csv each once and in increasing order (steps.csv
+    has a row per step, so many per epoch); accuracies in [0, 1] or missing."""
+    per_epoch = name == METRICS_FILE
+    if _rows_fine(frame, per_epoch):
         return
     if "epoch" in frame:
         epochs = frame["epoch"]
         if epochs.isna().any() or not (epochs == epochs.round()).all() or (epochs < 0).any():
             raise Unreadable(f"{name}: column 'epoch' holds a value that is not a whole number >= 0")
-        if not epochs.is_unique or not epochs.is_monotonic_increasing:
+        if per_epoch and (not epochs.is_unique or not epochs.is_monotonic_increasing):
             first = epochs[epochs.duplicated() | (epochs.diff() <= 0)].iloc[0]
             raise Unreadable(f"{name}: epoch {first:g} comes twice or out of order")
     for column in frame:
