@@ -14,11 +14,14 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
 import numpy as np
 import pandas as pd
-import seaborn as sns
+from matplotlib.legend_handler import HandlerTuple
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
+from analysis.plots import LINESTYLES, MARKERS, draw_lines, mean_sd
 from analysis.runs import collect as runs_collector
 
 VARIANTS = ("no BN", "BN")  # fixed order and colours in every plot
@@ -137,83 +140,190 @@ def _variants(frame: pd.DataFrame):
     return [v for v in VARIANTS if v in set(frame["variant"])]
 
 
-def plot_band(band: pd.DataFrame) -> plt.Figure:
+def _counts(runs: pd.DataFrame) -> str:
+    """'6 runs: BN 3, no BN 3' (what a figure is drawn from)."""
+    per = runs.groupby("variant").size()
+    return f"{len(runs)} run{'s' * (len(runs) != 1)}: " + ", ".join(f"{v} {per[v]}" for v in _variants(runs))
+
+
+def _title(sweep: str | None, what: str, runs: pd.DataFrame) -> str:
+    return f"{sweep + ': ' if sweep else ''}{what}\n({_counts(runs)})"
+
+
+def _lr_styles(lrs: list[float]) -> dict:
+    return {lr: (LINESTYLES[i % len(LINESTYLES)], MARKERS[i % len(MARKERS)]) for i, lr in enumerate(lrs)}
+
+
+def plot_band(band: pd.DataFrame, runs: pd.DataFrame | None = None, sweep: str | None = None) -> plt.Figure:
     """Both variants' min-max loss band over learning rates on one axis."""
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.6), layout="constrained")
     for v in _variants(band):
         b = band[band["variant"] == v]
+        lrs = int(b["runs"].max())
+        if lrs < 2:  # one usable rate: its loss, not a band
+            ax.plot(b["step"], b["lo"], color=PALETTE[v], lw=1, label=f"{v}: one usable lr, no band")
+            continue
         ax.fill_between(b["step"], b["lo"], b["hi"], color=PALETTE[v], alpha=0.35, lw=0,
-                        label=f"{v}: min-max over lrs")
+                        label=f"{v}: min-max over {lrs} lrs")
         ax.plot(b["step"], b["lo"], color=PALETTE[v], lw=0.6)
         ax.plot(b["step"], b["hi"], color=PALETTE[v], lw=0.6)
-    ax.set(xlabel="training step", ylabel="training loss", title="Loss band over learning rates")
-    ax.legend()
-    fig.tight_layout()
+    ax.set(xlabel="training step", ylabel="training loss")
+    ax.grid(alpha=0.3)
+    ax.set_title(_title(sweep, "Training-loss band over learning rates", runs) if runs is not None
+                 else "Training-loss band over learning rates", fontsize=11)
+    fig.legend(loc="outside right upper", fontsize=8)
     return fig
 
 
-def plot_val_acc(metrics: pd.DataFrame, runs: pd.DataFrame, threshold: float = 0.5) -> plt.Figure:
+def plot_val_acc(metrics: pd.DataFrame, runs: pd.DataFrame, threshold: float = 0.5,
+                 sweep: str | None = None) -> plt.Figure:
+    """Accuracy (%) per epoch: colour is the variant, line style and marker the learning rate;
+    mean over seeds with a ± 1 sd band where a (variant, lr) has several. With one epoch: accuracy
+    against the learning rate, a point per variant and rate."""
     df = _with_runs(metrics, runs)
     acc = "val_acc" if df["val_acc"].notna().all() else "test_acc"
-    lrs = ["{:g}".format(lr) for lr in sorted(df["lr"].unique())]
-    df["lr"] = df["lr"].map("{:g}".format)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    sns.lineplot(df, x="epoch", y=acc, hue="variant", style="lr", palette=PALETTE, marker="o",
-                 hue_order=_variants(df), style_order=lrs, ax=ax)
-    ax.axhline(threshold, color="grey", ls=":", lw=1)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(ylabel=acc.replace("_", " "), title=f"{acc.split('_')[0].title()} accuracy per epoch")
-    fig.tight_layout()
+    df = df.assign(pct=df[acc] * 100)
+    lrs = sorted(df["lr"].unique())
+    shapes = _lr_styles(lrs)
+    name = {"val_acc": "validation accuracy (%)", "test_acc": "test accuracy (%)"}[acc]
+    fig, ax = plt.subplots(figsize=(9, 4.8), layout="constrained")
+    stats = mean_sd(df, ["variant", "lr", "epoch"], "pct")
+    stats = stats[stats["n"] > 0]
+    seeds = int(stats["n"].max()) if len(stats) else 0
+    handles = []
+    if df["epoch"].nunique() == 1:  # one epoch: no epoch axis to draw lines along
+        for v in _variants(stats):
+            s = stats[stats["variant"] == v].sort_values("lr")
+            ax.plot(s["lr"], s["mean"], color=PALETTE[v], lw=0.8, alpha=0.5)
+            ax.errorbar(s["lr"], s["mean"], yerr=s["sd"].where(s["n"] > 1), color=PALETTE[v], marker="o",
+                        ms=7, capsize=5, ls="none")
+            handles.append(Line2D([], [], color=PALETTE[v], marker="o", label=f"{v} (n={_n(s)})"))
+        ax.set(xscale="log", xlabel="learning rate (log scale)",
+               ylabel=name.replace(" (", f" after epoch {int(df['epoch'].iloc[0])} ("))
+        spread = "point: mean over seeds; bar: ± 1 sd over the seeds" if seeds > 1 else "each point is one run"
+    else:
+        style = {f"{v} {float(lr)!r}": {"color": PALETTE[v], "ls": shapes[lr][0], "marker": shapes[lr][1]}
+                 for v in VARIANTS for lr in lrs}
+        keyed = stats.assign(key=[f"{v} {float(lr)!r}" for v, lr in zip(stats["variant"], stats["lr"])])
+        draw_lines(ax, keyed, "key", "epoch", style)
+        for v in _variants(stats):
+            handles.append(Line2D([], [], color=PALETTE[v], lw=3, label=v))
+        for lr in lrs:
+            if lr in set(stats["lr"]):
+                n = _n(stats[stats["lr"] == lr])
+                handles.append(Line2D([], [], color="0.3", ls=shapes[lr][0], marker=shapes[lr][1],
+                                      label=f"lr {lr:g} (n={n})"))
+        ax.set(xlabel="epoch", ylabel=name)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        spread = ("line: mean over seeds; band: ± 1 sd over the seeds" if seeds > 1
+                  else "one seed per variant and lr: each line is one run (no band)")
+    line = ax.axhline(threshold * 100, color="grey", ls=":", lw=1.2)
+    ax.annotate(f"threshold {threshold:.0%}", (0, threshold * 100), xycoords=("axes fraction", "data"),
+                xytext=(4, 3), textcoords="offset points", ha="left", va="bottom", fontsize=8, color="0.35")
+    handles.append(Line2D([], [], color=line.get_color(), ls=":", label=f"threshold {threshold:.0%} "
+                          "(the table's first epoch >=)"))
+    low, high = ax.get_ylim()
+    ax.set_ylim(max(low, 0), min(high, 100))
+    ax.grid(alpha=0.3)
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8)  # off the axes: epoch 1 stays in view
+    what = name.split(" (")[0].capitalize()
+    what = f"{what} after epoch {int(df['epoch'].iloc[0])}, by learning rate" if df["epoch"].nunique() == 1 \
+        else f"{what} per epoch"
+    ax.set_title(_title(sweep, what, runs), fontsize=11)
+    fig.supxlabel(spread, fontsize=8, color="0.3")
     return fig
 
 
-def plot_landscape(panels: pd.DataFrame) -> plt.Figure:
+def _n(stats: pd.DataFrame) -> str:
+    """The seeds behind a legend entry: '3', or '1-3' when they differ."""
+    ns = sorted({int(n) for n in stats["n"]}) or [0]
+    return str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+
+
+def plot_landscape(panels: pd.DataFrame, runs: pd.DataFrame | None = None,
+                   sweep: str | None = None) -> plt.Figure:
     """Santurkar et al. Fig. 4: loss landscape, gradient predictiveness, effective beta-smoothness."""
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), layout="constrained")
     lrs = sorted(panels["lr"].unique(), reverse=True)
+    handles, labels = [], []
     for (v, lr), p in panels.groupby(["variant", "lr"], sort=False):
         label = f"{v}, lr {lr:g}" if len(lrs) > 1 else v
+        labels.append(label + f" ({p['run'].nunique()} run{'s' * (p['run'].nunique() != 1)})")
         i = lrs.index(lr)  # lighter bands and other dashes for each further learning rate
         kw = dict(color=PALETTE[v], alpha=0.35 / (1 + i), lw=0)
-        axes[0].fill_between(p["step"], p["loss_lo"], p["loss_hi"], label=label, **kw)
-        axes[1].fill_between(p["step"], p["grad_lo"], p["grad_hi"], label=label, **kw)
-        axes[2].plot(p["step"], p["beta"], color=PALETTE[v], marker=".", label=label,
-                     ls=["-", "--", ":", "-."][i % 4])
+        axes[0].fill_between(p["step"], p["loss_lo"], p["loss_hi"], **kw)
+        axes[1].fill_between(p["step"], p["grad_lo"], p["grad_hi"], **kw)
+        ls = ["-", "--", ":", "-."][i % 4]
+        axes[2].plot(p["step"], p["beta"], color=PALETTE[v], marker=".", ls=ls)
+        handles.append((Patch(**kw), Line2D([], [], color=PALETTE[v], marker=".", ls=ls)))
     axes[0].set(title="loss landscape: L(w - eta g) over eta", ylabel="loss")
     axes[1].set(title="gradient predictiveness: ||g(w - eta g) - g||", ylabel="l2 distance")
     axes[2].set(title="effective beta-smoothness", ylabel="max ||dg|| / ||eta g||")
     for ax in axes:
         ax.set_xlabel("training step")
-        ax.legend()
-    fig.tight_layout()
+        ax.grid(alpha=0.3)
+    fig.legend(handles, labels, loc="outside right center", fontsize=8, handlelength=3,
+               handler_map={tuple: HandlerTuple(ndivide=None)})
+    fig.suptitle(_title(sweep, "Loss landscape along the gradient (Santurkar et al., Fig. 4)", runs)
+                 if runs is not None else "Loss landscape along the gradient (Santurkar et al., Fig. 4)",
+                 fontsize=11)
+    fig.supxlabel("bands: range over the probed step sizes eta at each probed training step",
+                  fontsize=8, color="0.3")
     return fig
 
 
 def _markdown(frame: pd.DataFrame, index: bool = False) -> str:
-    return frame.to_markdown(index=index, floatfmt=".4g")
+    """4 significant digits; a percentage column ('... (%)') with 2 decimals."""
+    columns = ([frame.index.name] if index else []) + list(frame.columns)
+    return frame.to_markdown(index=index, missingval="-",
+                             floatfmt=[".2f" if str(c).endswith("(%)") else ".4g" for c in columns])
 
 
-def report(data: dict[str, pd.DataFrame], threshold: float = 0.5) -> tuple[str, dict[str, plt.Figure]]:
-    """The markdown report and the figures, from collect()'s frames."""
+def _percent(table: pd.DataFrame) -> pd.DataFrame:
+    """The convergence table with its accuracies (fractions) as percentages."""
+    accs = {"best acc": "best acc (%)", "final acc": "final acc (%)", "final test acc": "final test acc (%)"}
+    shown = table.assign(**{c: pd.to_numeric(table[c], errors="coerce") * 100 for c in accs})
+    return shown.rename(columns=accs)
+
+
+def report(data: dict[str, pd.DataFrame], threshold: float = 0.5,
+           sweep: str | None = None) -> tuple[str, dict[str, plt.Figure]]:
+    """The markdown report and the figures, from collect()'s frames; `sweep` names the study
+    in titles."""
     runs, figs = data["runs"], {}
-    parts = ["## Convergence", _markdown(convergence_table(runs, data["metrics"], threshold))]
+    table = convergence_table(runs, data["metrics"], threshold)
+    parts = ["## Convergence", _markdown(_percent(table)),
+             f"One row per run ({_counts(runs)}). best / final acc (%): accuracy on the set in "
+             f"'acc on' (val: the held-out validation split; test when the run held none out), the "
+             f"best over its epochs and the one after the last; first epoch >= {threshold:.0%}: the "
+             f"first epoch at which that accuracy reached {threshold:.0%} (never: it did not); final "
+             f"test acc (%): test accuracy after the last epoch; diverged: the loss became non-finite "
+             f"or the run stopped as diverged."]
     if len(data["metrics"]):
-        figs["val_acc"] = plot_val_acc(data["metrics"], runs, threshold)
+        figs["val_acc"] = plot_val_acc(data["metrics"], runs, threshold, sweep)
     band = loss_band(data["steps"], runs) if len(data["steps"]) else None
     if band is not None and band["runs"].max() > 1:  # a band needs at least two learning rates
         # "early" = the first epoch's steps, whatever the data size
         early = int((data["steps"]["epoch"] == 1).groupby(data["steps"]["run"]).sum().max())
         summary = band_summary(band, early)
         parts += ["## Training-loss band over learning rates (mean max-min gap)",
-                  _markdown(summary, index=True)]
+                  _markdown(summary, index=True),
+                  "Per variant and training step, the gap between the highest and the lowest training "
+                  "loss over its learning rates, averaged over the first epoch's steps (early) and all "
+                  "steps (overall); no BN / BN: their ratio (above 1: BN's losses depend less on the "
+                  "learning rate)."]
         if summary.isna().any().any():
             parts.append("nan: a variant has fewer than two usable learning rates, so no band.")
-        figs["band"] = plot_band(band)
+        figs["band"] = plot_band(band, runs, sweep)
     if len(data["landscape"]):
         panels = landscape_panels(data["landscape"], runs)
         parts += ["## Loss landscape (Santurkar et al.), mean over probed steps",
-                  _markdown(landscape_summary(panels))]
-        figs["landscape"] = plot_landscape(panels)
+                  _markdown(landscape_summary(panels)),
+                  "Per variant and learning rate, means over the probed training steps of: the range "
+                  "of the loss along the gradient over the probed step sizes (loss range), the largest "
+                  "change of the gradient there (max grad change) and that change per unit step "
+                  "(effective beta; lower: smoother)."]
+        figs["landscape"] = plot_landscape(panels, runs, sweep)
     skipped = data.get("skipped", pd.DataFrame())
     if len(skipped):
         parts += ["## Run folders left out", _markdown(skipped.fillna(""))]
@@ -230,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
         runs = collect(args.root)
     except FileNotFoundError as err:
         raise SystemExit(f"error: {err}; run the study first (see README)") from None
-    text, figs = report(runs, args.threshold)
+    text, figs = report(runs, args.threshold, sweep=args.root.resolve().name)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bn_study.md").write_text(text)
     for name, fig in figs.items():

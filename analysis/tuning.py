@@ -125,21 +125,43 @@ def budget_curves(runs: pd.DataFrame, keys: list[str], tune: list[str]) -> pd.Da
 
 
 def budget_figure(curves: pd.DataFrame, arms: list[str], tune: list[str], title: str):
-    """Expected best validation accuracy against the number of configurations tried, one line per arm."""
+    """Expected best validation accuracy against the number of configurations tried, one line per
+    arm (with its N runs in the legend); a tick at every k drawn, labelled up to the last."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import seaborn as sns
+    from matplotlib.ticker import FixedLocator, NullFormatter
 
-    fig, ax = plt.subplots(figsize=(8, 4.6), layout="constrained")
-    sns.lineplot(data=curves, x="k", y="expected_best_val", hue="arm", marker="o", ax=ax)
-    ax.set(xscale="log", xlabel="configurations tried (runs drawn at random from the grid x seeds)",
+    def labelled(last: int) -> list[int]:
+        """Every k up to 12, else 1, 2, 3, 5, 10, 20, 50, ... and the last k (a round k too close
+        to it to label apart gives way)."""
+        if last <= 12:
+            return list(range(1, last + 1))
+        nice = [k for k in (1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000) if k < last / 1.25]
+        return [*nice, last]
+
+    fig, ax = plt.subplots(figsize=(8.6, 4.6), layout="constrained")
+    drawn = [(arm, c.sort_values("k")) for arm, c in curves.groupby("arm", sort=False)
+             if c["expected_best_val"].notna().any()]  # an arm without a number gets no legend entry
+    colours = [plt.get_cmap("tab10" if len(drawn) <= 10 else "hsv")(i if len(drawn) <= 10 else i / len(drawn))
+               for i in range(len(drawn))]
+    for (arm, c), colour in zip(drawn, colours):
+        ax.plot(c["k"], c["expected_best_val"], color=colour, marker="o", ms=4,
+                label=f"{arm} (N={int(c['k'].max())} runs)")
+    ax.set(xscale="log", xlabel="configurations tried (log scale): runs drawn at random from the grid x seeds",
            ylabel="expected best validation accuracy (%)")
-    ticks = [k for k in (1, 2, 3, 5, 10, 20, 50, 100, 200) if k <= curves["k"].max()]
+    last = int(curves["k"].max()) if len(curves) else 1
+    ax.xaxis.set_minor_locator(FixedLocator(range(1, last + 1)))  # a tick at every k drawn
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ticks = labelled(last)
     ax.set_xticks(ticks, [str(k) for k in ticks])
-    ax.minorticks_off()
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(title=" / ".join(HEADERS.get(k, k) for k in arms) or None, loc="lower right", fontsize=8)
+    ax.set_xlim(0.9, last * 1.1)
+    ax.grid(alpha=0.3, which="major")
+    if drawn:  # outside the axes: it never hides a curve
+        fig.legend(title=" / ".join(HEADERS.get(k, k) for k in arms) or None, loc="outside right upper",
+                   fontsize=8)
     fig.suptitle(f"Expected best validation accuracy by budget\n{title}", fontsize=11)
+    fig.supxlabel(f"each point: the expected best of k runs drawn at random from the arm's N (grid of "
+                  f"{', '.join(tune)} x seeds), computed exactly", fontsize=8, color="0.3")
     return fig

@@ -47,13 +47,13 @@ def make_run(run_dir, overrides, status="completed", acc=None, result="ok", epoc
     return run_dir
 
 
-def make_sweep(root, accs, key="model/activation", extra=()):
+def make_sweep(root, accs, key="model/activation", extra=(), epochs=2):
     root.mkdir(parents=True)
     (root / "multirun.yaml").write_text("hydra: {}\n")
     job = 0
     for value, values in accs.items():
         for seed, acc in enumerate(values):
-            make_run(root / str(job), [f"{key}={value}", f"seed={seed}", *extra], acc=acc)
+            make_run(root / str(job), [f"{key}={value}", f"seed={seed}", *extra], acc=acc, epochs=epochs)
             job += 1
     return root
 
@@ -248,7 +248,7 @@ def test_plot_title_one_legend_and_train_accuracy_when_losses_differ(tmp_path):
     (report,) = sweep_reports(runs)
     assert report["title"] == "loss: 4 variants x 3 seeds"
     fig = curves_figure(runs, frames["metrics"], report["keys"], report["title"])
-    assert fig._suptitle.get_text() == "loss: 4 variants x 3 seeds"
+    assert fig._suptitle.get_text() == "s — loss: 4 variants x 3 seeds"  # the sweep, what it swept, n
     assert len(fig.legends) == 1 and all(ax.get_legend() is None for ax in fig.axes)
     assert [t.get_text() for t in fig.legends[0].get_texts()][0] == "ce (n=3)"
     assert fig.axes[1].get_ylabel() == "train accuracy (%)"
