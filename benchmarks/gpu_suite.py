@@ -7,6 +7,9 @@ Stage 1 (30% of the budget, at most 150 s): training images/s and seconds per
 50k-image epoch of the plain pipeline (PIL + DataLoader, fp32) and of this project's loop (bf16 +
 channels_last, eager and torch.compile) for the seed CNN, the (128,256,512) CNN, VGG-A and
 ResNet-18; N = 1, 2, 4, 8 runs at once; fused members when ablate.fused exists; peak GPU memory.
+Each figure is the median of 3 repetitions with its range; a noisy one (spread over 25%) or one
+from fewer than 20 timed batches is flagged, and the plan for stage 2 uses none of those. Models
+are named by what ran (--dry-run's tiny stand-ins say so).
 Stage 2 (the rest): the seed report's rows at full length and 3 seeds, table by table in the
 order activation, optimizer, scheduler, loss, best, BN study, SWA, ResNet-18 + AdamW, run the
 fastest way stage 1 found; a row is started only if it is estimated to finish in time.
@@ -42,6 +45,7 @@ import torch  # noqa: E402
 
 from benchmarks import suite_accuracy as accuracy  # noqa: E402
 from benchmarks import suite_speed as speed  # noqa: E402
+from benchmarks import throughput  # noqa: E402
 from benchmarks.throughput import markdown  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -113,9 +117,30 @@ def write_atomic(path: Path, text: str) -> None:
 
 # ----------------------------------------------------------------------------- choosing the path
 
-def pipeline_row(stage1: dict, model: str, pipeline: str) -> dict | None:
-    return next((r for r in stage1["pipelines"]
-                 if r["model"] == model and r["pipeline"] == pipeline), None)
+def trusted(row: dict) -> bool:
+    """A figure to plan on: not noisy (its repetitions' spread over 25%) and from enough batches.
+    A row measured before repetitions (without those marks) counts as trusted."""
+    return not row.get("noisy", False) and not row.get("few_batches", False)
+
+
+def figure_name(row: dict) -> str:
+    """'seed CNN (64,128,256), 2.5M params project', 'seed CNN ... x4 at once', '... 8 fused'."""
+    what = row.get("label") or speed.MODELS.get(row.get("model"), row.get("model"))
+    if "pipeline" in row:
+        return f"{what} {row['pipeline']}"
+    return f"{what} x{row['runs']} at once" if "runs" in row else f"{what} {row.get('members')} fused"
+
+
+def untrusted(stage1: dict) -> list[str]:
+    """The figures the plan leaves out, and why."""
+    rows = [*stage1["pipelines"], *stage1["concurrent"], *stage1["fused"]]
+    return [f"{figure_name(r)} ({'; '.join(r.get('flags', []))})" for r in rows if not trusted(r)]
+
+
+def pipeline_row(stage1: dict, model: str, pipeline: str, trusted_only: bool = True) -> dict | None:
+    """The measured row of `model` in `pipeline`; with trusted_only, None for a noisy one."""
+    return next((r for r in stage1["pipelines"] if r["model"] == model and r["pipeline"] == pipeline
+                 and (trusted(r) or not trusted_only)), None)
 
 
 def choose_compile(stage1: dict, model: str, epochs: int) -> bool:
@@ -132,7 +157,7 @@ def compile_setup_s(stage1: dict, model: str) -> float:
     """torch.compile's warm-up for `model`; unmeasured: the longest measured for any model."""
     row = pipeline_row(stage1, model, "compiled")
     return row["setup_s"] if row else max(
-        (r["setup_s"] for r in stage1["pipelines"] if r["pipeline"] == "compiled"), default=60.0)
+        (r["setup_s"] for r in stage1["pipelines"] if r["pipeline"] == "compiled" and trusted(r)), default=60.0)
 
 
 def single_run_rate(stage1: dict, model: str, compile: bool) -> float:
@@ -140,13 +165,13 @@ def single_run_rate(stage1: dict, model: str, compile: bool) -> float:
     row = (compile and pipeline_row(stage1, model, "compiled")) or pipeline_row(stage1, model, "project")
     if row:
         return row["images_per_s"]
-    measured = [r["images_per_s"] for r in stage1["pipelines"] if r["pipeline"] == "project"]
+    measured = [r["images_per_s"] for r in stage1["pipelines"] if r["pipeline"] == "project" and trusted(r)]
     return min(measured) / 4 if measured else 100.0
 
 
 def concurrency_efficiency(stage1: dict, slots: int) -> float:
     """Each run's speed at `slots` runs at once relative to running alone (measured on the seed CNN)."""
-    by_n = {c["runs"]: c["aggregate_images_per_s"] for c in stage1["concurrent"]}
+    by_n = {c["runs"]: c["aggregate_images_per_s"] for c in stage1["concurrent"] if trusted(c)}
     if slots == 1:
         return 1.0
     if 1 in by_n and slots in by_n:
@@ -173,14 +198,15 @@ def choose_slots(args, stage1: dict, the_plan: dict, units: list, seconds: float
         return args.slots, "set by --slots"
     first = [u for u in units if u.row.table == units[0].row.table] if units else []
     options = []
-    for c in stage1["concurrent"]:
+    for c in filter(trusted, stage1["concurrent"]):
         n = c["runs"]
         trial = {**the_plan, "efficiency": concurrency_efficiency(stage1, n)}
         length = estimate(args, stage1, trial, first[0]) if first else 1.0
         done = min(len(first), n * int(seconds // length))
         options.append((done, c["aggregate_images_per_s"], n, length))
     if not options:
-        return 1, "no concurrency measurement; one run at a time"
+        return 1, ("no concurrency measurement to trust (noisy or too few batches); one run at a time"
+                   if stage1["concurrent"] else "no concurrency measurement; one run at a time")
     done, aggregate, n, length = max(options)
     return n, (f"{n} at once: {done} run(s) of the first table estimated to finish in the "
                f"{seconds:.0f} s left, {length:.0f} s each; aggregate {aggregate:,.0f} images/s")
@@ -194,9 +220,9 @@ def fused_launcher_here() -> bool:
 def choose_fused(stage1: dict, seeds: int) -> bool:
     """Fuse a row's seeds into one process when stage 1 measured that many fused members
     training faster than the best number of separate runs at once."""
-    fused = [r for r in stage1["fused"] if r.get("members") == seeds and
+    fused = [r for r in stage1["fused"] if r.get("members") == seeds and trusted(r) and
              isinstance(r.get("aggregate_images_per_s"), (int, float))]
-    separate = max((c["aggregate_images_per_s"] for c in stage1["concurrent"]), default=0.0)
+    separate = max((c["aggregate_images_per_s"] for c in stage1["concurrent"] if trusted(c)), default=0.0)
     return bool(fused) and fused[0]["aggregate_images_per_s"] > separate and fused_launcher_here()
 
 
@@ -204,7 +230,7 @@ def plan(args, stage1: dict, seconds: float) -> dict:
     """How stage 2 runs in `seconds`: fused or not, torch.compile per table, runs at once."""
     fused = choose_fused(stage1, len(args.seeds))
     the_plan = {"fused": fused, "seeds_per_process": len(args.seeds) if fused else args.seeds_per_process,
-                "compile": {}, "efficiency": 1.0}
+                "compile": {}, "efficiency": 1.0, "left_out": untrusted(stage1)}
     for table in args.tables:
         first = accuracy.TABLES[table][0]
         the_plan["compile"][table] = args.device != "cpu" and \
@@ -335,30 +361,45 @@ def speed_markdown(stage1: dict, the_plan: dict | None, device: str) -> str:
     loader = f"DataLoader x{workers}" if workers else "DataLoader, no workers"
     names = {"plain": f"plain PyTorch (PIL + {loader}, fp32)",
              "project": f"this project ({dtype})", "compiled": f"this project ({dtype}) + torch.compile"}
-    rows = [{**r, "model": speed.MODELS[r["model"]], "pipeline": names[r["pipeline"]],
+    plain_rows = {r["model"]: r for r in stage1["pipelines"] if r["pipeline"] == "plain"}
+    rows = [{**markdown_marks(r), "model": r.get("label", speed.MODELS[r["model"]]),
+             "pipeline": names[r["pipeline"]],
              "peak": "n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:,.0f}",
-             "x": "-" if r["x_plain"] is None else f"{r['x_plain']:.2f}"} for r in stage1["pipelines"]]
+             "x": "-" if r["x_plain"] is None else f"{r['x_plain']:.2f}",
+             "flags": throughput.flags_text(r, plain_rows.get(r["model"], {}))} for r in stage1["pipelines"]]
     st = stage1["settings"]
+    repeats = st.get("repeats", 1)
     text = [f"## Training speed ({st['images']} synthetic images per timed epoch, batch "
-            f"{st['batch_size']}, {st['warmup']} warm-up + {st['epochs']} timed epochs)\n",
-            markdown(rows, {"model": "model", "pipeline": "pipeline", "images_per_s": "images/s",
+            f"{st['batch_size']}, {st['warmup']} warm-up epoch(s), then the median of {repeats} "
+            f"repetitions of {st['epochs']} timed epoch(s))\n",
+            markdown(rows, {"model": "model", "pipeline": "pipeline", "images_per_s": "images/s (median)",
+                            "spread_text": f"range of {repeats} (spread)",
                             "s_per_50k": "s per 50k-image epoch", "setup_s": "extra warm-up s",
-                            "peak": "peak GPU MiB", "x": "x plain"}) if rows else "(nothing measured)",
-            "\ns per 50k-image epoch = 50,000 / images/s (training only). Extra warm-up: the first "
-            "epoch's time beyond an ordinary one (compiling, cuDNN autotuning, loader workers). "
-            "Peak GPU MiB: torch.cuda.max_memory_allocated of the measurement; n/a on a CPU."]
+                            "peak": "peak GPU MiB", "x": "x plain", "flags": "flags"})
+            if rows else "(nothing measured)",
+            "\ns per 50k-image epoch = 50,000 / images/s (training only). Each figure is the median of "
+            "its repetitions (a model's pipelines timed in turn within each); spread = (max - min) / "
+            f"median, noisy above {throughput.NOISY:.0%}; few batches: fewer than "
+            f"{throughput.MIN_BATCHES} timed batches per repetition. The plan uses no flagged figure. "
+            "Extra warm-up: the first epoch's time beyond an ordinary one (compiling, cuDNN "
+            "autotuning, loader workers), measured once. Peak GPU MiB: torch.cuda.max_memory_allocated "
+            "of the measurement; n/a on a CPU."]
     if stage1["concurrent"]:
-        conc = [{**c, "peak": "n/a" if c["peak_mem_mb_per_run"] is None else
-                 f"{c['peak_mem_mb_per_run']:,.0f}",
-                 "x": "-" if c["x_one_run"] is None else f"{c['x_one_run']:.2f}"}
-                for c in stage1["concurrent"]]
-        text += ["\n### Runs at once (seed CNN, this project's loop, eager)\n",
+        one = next((c for c in stage1["concurrent"] if c["runs"] == 1), {})
+        conc = [{**markdown_marks(c, "aggregate_images_per_s"),
+                 "peak": "n/a" if c["peak_mem_mb_per_run"] is None else f"{c['peak_mem_mb_per_run']:,.0f}",
+                 "x": "-" if c["x_one_run"] is None else f"{c['x_one_run']:.2f}",
+                 "flags": throughput.flags_text(c, one)} for c in stage1["concurrent"]]
+        what = stage1["concurrent"][0].get("label", speed.MODELS["cnn"])
+        text += [f"\n### Runs at once ({what}, this project's loop, eager; repetitions back to back)\n",
                  markdown(conc, {"runs": "runs", "threads_per_run": "CPU threads/run",
-                                 "aggregate_images_per_s": "aggregate images/s",
+                                 "aggregate_images_per_s": "aggregate images/s (median)",
+                                 "spread_text": f"range of {repeats} (spread)",
                                  "mean_run_images_per_s": "images/s per run",
-                                 "peak": "peak GPU MiB per run", "x": "x one run"})]
+                                 "peak": "peak GPU MiB per run", "x": "x one run", "flags": "flags"})]
     if stage1["fused"]:
-        text += ["\n### Fused members (ablate.fused)\n", "```", json.dumps(stage1["fused"], indent=1), "```"]
+        text += [f"\n### Fused members ({stage1['fused'][0].get('label', speed.MODELS['cnn'])}, ablate.fused)\n",
+                 "```", json.dumps(stage1["fused"], indent=1), "```"]
     if stage1["skipped"]:
         text += ["\nNot measured: " + "; ".join(stage1["skipped"]) + "."]
     if the_plan:
@@ -367,29 +408,57 @@ def speed_markdown(stage1: dict, the_plan: dict | None, device: str) -> str:
                  f"{'each a row with its seeds fused' if the_plan['fused'] else 'seeds as separate runs'}; "
                  f"torch.compile for {', '.join(compiled) or 'no table'} (only where its warm-up "
                  "pays off over the table's epochs)."]
+        if the_plan.get("left_out"):
+            text += ["Left out of the plan (its defaults stand in): " + "; ".join(the_plan["left_out"]) + "."]
     return "\n".join(text) + "\n"
 
 
+def markdown_marks(row: dict, key: str = "images_per_s") -> dict:
+    """A row with its repetitions' range and spread as text (throughput.spread_text)."""
+    return {**row, "spread_text": throughput.spread_text(row, key)}
+
+
 def speed_figure(stage1: dict, path: Path) -> None:
-    """throughput.png: images/s per model and pipeline; aggregate images/s against runs at once."""
+    """throughput.png: images/s per model and pipeline (the median, the range of the repetitions
+    as an error bar, a flagged figure hatched); aggregate images/s against runs at once (hollow:
+    flagged)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2), gridspec_kw={"width_ratios": [2, 1]})
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [2, 1]},
+                               layout="constrained")
     models = list(dict.fromkeys(r["model"] for r in stage1["pipelines"]))
-    for i, pipeline in enumerate(speed.PIPELINES):
-        values = [(pipeline_row(stage1, m, pipeline) or {}).get("images_per_s", 0) for m in models]
-        a.bar([j + 0.27 * (i - 1) for j in range(len(models))], values, width=0.27, label=pipeline)
-    a.set_xticks(range(len(models)), [speed.MODELS[m].replace(" (", "\n(") for m in models], fontsize=7)
-    a.set_ylabel("training images/s")
-    a.legend(fontsize=7)
+    labels = {r["model"]: r.get("label", speed.MODELS[r["model"]]) for r in stage1["pipelines"]}
+    def short(text: str) -> str:  # the model without its size and stand-in note
+        return re.sub(r", [0-9.e+-]+M params$", "", text).split(", the ")[0]
+
+    measured = [p for p in speed.PIPELINES if any(r["pipeline"] == p for r in stage1["pipelines"])]
+    for i, pipeline in enumerate(measured):  # a pipeline not measured gets no bar and no legend entry
+        rows = [pipeline_row(stage1, m, pipeline, trusted_only=False) or {} for m in models]
+        x = [j + 0.27 * (i - (len(measured) - 1) / 2) for j in range(len(models))]
+        values = [r.get("images_per_s", 0) for r in rows]
+        errors = [[max(0, v - r.get("images_per_s_min", v)) for v, r in zip(values, rows)],
+                  [max(0, r.get("images_per_s_max", v) - v) for v, r in zip(values, rows)]]
+        bars = a.bar(x, values, width=0.27, label=pipeline, yerr=errors, capsize=2)
+        for bar, r in zip(bars, rows):
+            if r and not trusted(r):
+                bar.set_hatch("//")
+    a.set_xticks(range(len(models)), [short(labels[m]).replace(" (", "\n(", 1) for m in models], fontsize=7)
+    a.set_ylabel("training images/s (median; bar: range)")
+    a.legend(fontsize=7, title="hatched: noisy or few batches", title_fontsize=7)
     conc = stage1["concurrent"]
-    b.plot([c["runs"] for c in conc], [c["aggregate_images_per_s"] for c in conc], "o-")
-    b.set_xlabel("runs at once (seed CNN)")
-    b.set_ylabel("aggregate images/s")
-    fig.tight_layout()
+    rates = [c["aggregate_images_per_s"] for c in conc]
+    b.errorbar([c["runs"] for c in conc], rates, fmt="-", capsize=3,
+               yerr=[[v - c.get("aggregate_images_per_s_min", v) for v, c in zip(rates, conc)],
+                     [c.get("aggregate_images_per_s_max", v) - v for v, c in zip(rates, conc)]])
+    for c in conc:  # a flagged figure drawn hollow
+        b.plot(c["runs"], c["aggregate_images_per_s"], "o", color="tab:blue",
+               markerfacecolor="tab:blue" if trusted(c) else "white")
+    b.set_xticks([c["runs"] for c in conc])
+    b.set_xlabel(f"runs at once ({short(conc[0].get('label', speed.MODELS['cnn']))})" if conc else "runs at once")
+    b.set_ylabel("aggregate images/s (hollow: flagged)")
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -433,7 +502,7 @@ def save(args, result: dict) -> None:
 
 def speed_stage(args, result: dict) -> dict:
     settings = speed.Settings(device=args.device, images=args.images, tiny=args.dry_run,
-                              epochs=1 if args.dry_run else 2, compile=args.device != "cpu",
+                              epochs=1, repeats=3, compile=args.device != "cpu",
                               workers=0 if args.dry_run else min(16, os.cpu_count() or 1))
     stage1 = speed.run_stage(settings, min(args.stage1_s, left(args)), args.concurrency, log=log)
     result["speed"] = stage1

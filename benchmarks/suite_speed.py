@@ -5,7 +5,8 @@ torch.compile that takes too long, or a run that hangs, is killed with its proce
 what was already measured (each result is sent back as soon as it exists), and a new worker takes
 the next measurement. N runs at once are N spawned processes. The pipelines are those of
 benchmarks/throughput.py, built from the same pieces (benchmarks/plain.py, ablate.loop), for four
-models instead of two.
+models instead of two. Each figure is the median of Settings.repeats repetitions, with its range,
+spread and flags (throughput.interleaved: a model's pipelines are timed in turn within each).
 """
 from __future__ import annotations
 
@@ -27,13 +28,25 @@ from ablate.models import CNN, ResNet
 from ablate.vgg import VGG
 from benchmarks import plain, throughput
 
-# name -> what the tables call it
+# name -> what the tables call it (the full-size model; --dry-run's stand-ins: TINY_NAMES)
 MODELS = {
     "cnn": "seed CNN (64,128,256)",
     "cnn_wide": "CNN (128,256,512)",
     "vgg_a": "VGG-A",
     "resnet18": "ResNet-18",
 }
+TINY_NAMES = {
+    "cnn": "tiny CNN (8,16,32), the seed CNN's stand-in",
+    "cnn_wide": "tiny CNN (16,32,64), the (128,256,512) CNN's stand-in",
+    "vgg_a": "tiny VGG-A (widths 8-16, hidden 32)",
+    "resnet18": "ResNet-18 at width 4",
+}
+
+
+def label(name: str, tiny: bool, params: int | None = None) -> str:
+    """What ran, for the tables: the model or its --dry-run stand-in, with its size."""
+    text = TINY_NAMES[name] if tiny else MODELS[name]
+    return f"{text}, {params / 1e6:.2g}M params" if params else text
 PIPELINES = ("plain", "project", "compiled")
 
 
@@ -45,7 +58,8 @@ class Settings:
     images: int           # training images per timed epoch (s per 50k epoch is extrapolated)
     batch_size: int = 128
     warmup: int = 1       # untimed epochs: workers starting, cuDNN autotuning, compiling
-    epochs: int = 2       # timed epochs (throughput.timed_epochs reads .warmup and .epochs)
+    epochs: int = 1       # timed epochs per repetition (throughput.interleaved reads .warmup,
+    repeats: int = 3      # .epochs, .repeats and .batch_size): each figure is the median of repeats
     workers: int = 8      # DataLoader workers of the plain pipeline
     tiny: bool = False    # --dry-run: small models of the same families
     compile: bool = True  # also measure torch.compile (off on a CPU: minutes, and never used there)
@@ -100,36 +114,51 @@ def project_epoch(model: nn.Module, data, device: torch.device, compile: bool, b
                                    precision=precision, desc="bench")["images"]
 
 
-def measure_pipeline(name: str, pipeline: str, data, s: Settings) -> dict:
-    """Images/s of one model in one pipeline, its warm-up and its peak GPU memory."""
-    device = torch.device(s.device)
-    setup(device)
-    model = build(name, s.tiny).to(device)
-    params = sum(p.numel() for p in model.parameters())
+def pipeline_epoch(model: nn.Module, pipeline: str, data, s: Settings, device: torch.device):
+    """one_epoch() -> images of `model` in `pipeline` (plain, project or compiled)."""
     if pipeline == "plain":
         loader = plain.make_loader(data.train_x, data.train_y, batch_size=s.batch_size,
                                    workers=s.workers, train=True, device=device)
         optimizer, loss_fn = throughput.adam(model), nn.CrossEntropyLoss()
-        one_epoch = lambda: plain.train_epoch(model, loader, loss_fn=loss_fn, optimizer=optimizer,
-                                              device=device)["images"]
-    else:
-        one_epoch = project_epoch(model, data, device, pipeline == "compiled", s.batch_size)
-    timing = throughput.timed_epochs(one_epoch, s, device)
-    return {"model": name, "pipeline": pipeline, "params": params, **timing,
-            "s_per_50k": 50_000 / timing["images_per_s"],
+        return lambda: plain.train_epoch(model, loader, loss_fn=loss_fn, optimizer=optimizer,
+                                         device=device)["images"]
+    return project_epoch(model, data, device, pipeline == "compiled", s.batch_size)
+
+
+def pipeline_row(name: str, pipeline: str, params: int, timing: dict, s: Settings, peak) -> dict:
+    return {"model": name, "label": label(name, s.tiny, params), "pipeline": pipeline, "params": params,
+            **timing, "s_per_50k": 50_000 / timing["images_per_s"],
             # the warm-up epoch minus an ordinary one: compiling (and cuDNN autotuning) time
             "setup_s": max(0.0, timing["warmup_s"] - s.warmup * timing["s_per_epoch"]),
-            "peak_mem_mb": peak_mb(device)}
+            "peak_mem_mb": peak}
+
+
+def measure_pipeline(name: str, pipeline: str, data, s: Settings) -> dict:
+    """Images/s of one model in one pipeline, its warm-up and its peak GPU memory."""
+    return measure_model_pipelines(name, (pipeline,), data, s)[0]
+
+
+def measure_model_pipelines(name: str, pipelines: tuple[str, ...], data, s: Settings) -> list[dict]:
+    """Images/s of one model in each pipeline, timed in turn within each repetition
+    (throughput.interleaved), with warm-ups and peak GPU memory (of them all, on a GPU)."""
+    device = torch.device(s.device)
+    setup(device)
+    models = {p: build(name, s.tiny).to(device) for p in pipelines}
+    params = sum(p.numel() for p in next(iter(models.values())).parameters())
+    timings = throughput.interleaved({p: pipeline_epoch(models[p], p, data, s, device) for p in pipelines},
+                                     s, device)
+    return [pipeline_row(name, p, params, timings[p], s, peak_mb(device)) for p in pipelines]
 
 
 def pipelines_worker(name: str, pipelines: tuple[str, ...], s: Settings, results) -> None:
-    """Child process: some pipelines of one model, each result sent back as soon as it exists."""
+    """Child process: some pipelines of one model, timed against each other; the results are sent
+    when they all exist."""
     try:
         data = make_synthetic(train_size=s.images, test_size=256, seed=0)
-        for pipeline in pipelines:
-            results.put(measure_pipeline(name, pipeline, data, s))
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        for row in measure_model_pipelines(name, pipelines, data, s):
+            results.put(row)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     except BaseException:
         results.put({"model": name, "error": traceback.format_exc(limit=3)})
     finally:
@@ -149,13 +178,15 @@ def concurrent_worker(name: str, s: Settings, rank: int, threads: int, barrier, 
         for _ in range(s.warmup):
             one_epoch()
         throughput.sync(device)
-        barrier.wait(timeout=600)
-        start, images = time.time(), 0  # wall clock: comparable across processes
-        for _ in range(s.epochs):
-            images += one_epoch()
-        throughput.sync(device)
-        results.put({"rank": rank, "images": images, "start": start, "end": time.time(),
-                     "peak_mem_mb": peak_mb(device)})
+        reps = []
+        for _ in range(s.repeats):  # all runs start each repetition together
+            barrier.wait(timeout=600)
+            start, images = time.time(), 0  # wall clock: comparable across processes
+            for _ in range(s.epochs):
+                images += one_epoch()
+            throughput.sync(device)
+            reps.append({"images": images, "start": start, "end": time.time()})
+        results.put({"rank": rank, "reps": reps, "peak_mem_mb": peak_mb(device)})
     except BaseException:
         barrier.abort()  # do not leave the other runs waiting
         results.put({"rank": rank, "error": traceback.format_exc(limit=3)})
@@ -163,13 +194,13 @@ def concurrent_worker(name: str, s: Settings, rank: int, threads: int, barrier, 
         results.put(None)
 
 
-def summarize_concurrent(name: str, n: int, threads: int, runs: list[dict]) -> dict:
-    """Aggregate images/s of n runs: all their images over the wall time from first start to last end."""
-    wall = max(r["end"] for r in runs) - min(r["start"] for r in runs)
+def summarize_concurrent(name: str, n: int, threads: int, runs: list[dict], s: Settings) -> dict:
+    """Aggregate images/s of n runs (throughput.concurrent_stats: per repetition all their images
+    over the wall time from first start to last end; the median, its range and flags)."""
     peaks = [r["peak_mem_mb"] for r in runs if r["peak_mem_mb"] is not None]
-    return {"model": name, "runs": n, "threads_per_run": threads, "wall_s": wall,
-            "aggregate_images_per_s": sum(r["images"] for r in runs) / wall,
-            "mean_run_images_per_s": sum(r["images"] / (r["end"] - r["start"]) for r in runs) / n,
+    batches = throughput.timed_batches(s.images, s.batch_size, s.epochs)
+    return {"model": name, "label": label(name, s.tiny), "runs": n, "threads_per_run": threads,
+            **throughput.concurrent_stats([r["reps"] for r in runs], batches),
             "peak_mem_mb_per_run": max(peaks) if peaks else None}
 
 
@@ -188,10 +219,12 @@ def fused_worker(n: int, s: Settings, results) -> None:
         setup(device)
         args = throughput.parse_args(["--device", s.device, "--images", str(s.images),
                                       "--epochs", str(s.epochs), "--warmup", str(s.warmup),
-                                      "--batch-size", str(s.batch_size),
+                                      "--repeats", str(max(s.repeats, throughput.REPEATS)),
+                                      "--batch-size", str(s.batch_size), "--allow-few-batches",
                                       "--filters", "8,16,32" if s.tiny else "64,128,256"])
         row = throughput.measure_fused(args, throughput.load_data(args), device, n)
-        results.put({"model": "cnn", "members": n, **row, "peak_mem_mb": peak_mb(device)})
+        results.put({"model": "cnn", "label": label("cnn", s.tiny), "members": n, **row,
+                     "peak_mem_mb": peak_mb(device)})
     except BaseException:
         results.put({"model": "cnn", "members": n, "error": traceback.format_exc(limit=3)})
     finally:
@@ -320,7 +353,7 @@ def measure_concurrent(name: str, s: Settings, counts: list[int], deadline: floa
             [(concurrent_worker, name, s, rank, threads, barrier) for rank in range(n)], deadline)
         errors = [r["error"] for r in rows if "error" in r]
         if finished and not errors and len(rows) == n:
-            out["concurrent"].append(summarize_concurrent(name, n, threads, rows))
+            out["concurrent"].append(summarize_concurrent(name, n, threads, rows, s))
         else:
             why = last_line(errors[0]) if errors else "over its share, stopped"
             out["skipped"].append(f"concurrent {name} x{n}: {why}")

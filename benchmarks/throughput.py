@@ -7,15 +7,24 @@
 Prints markdown tables (and writes --json). Imports no Hydra, so it runs on a machine that has
 only torch and torchvision. Each measurement times whole epochs after untimed warm-up epochs
 (DataLoader workers starting, cuDNN autotuning, torch.compile), with the device synchronised.
+
+Every figure is the median of --repeats (>= 3) repetitions, shown with its spread (the
+repetitions' range over the median). Pipelines, and fused stacks, are timed in turn within each
+repetition (interleaved), so a machine that slows down part-way slows them all; N runs at once
+repeat back to back (restarting N processes each time would cost more than the measurement). A
+spread over 25% marks the figure noisy; fewer than 20 timed batches per repetition is refused
+(--allow-few-batches measures it anyway, flagged).
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
+import statistics
 import sys
 import time
 import traceback
@@ -33,6 +42,10 @@ from ablate.loop import evaluate, pick_precision, train_one_epoch  # noqa: E402
 from ablate.models import CNN, ResNet  # noqa: E402
 from benchmarks import plain  # noqa: E402
 
+REPEATS = 3        # repetitions per figure (at least): the median is reported, the range shown
+NOISY = 0.25       # a spread (max - min) / median above this marks a figure noisy
+MIN_BATCHES = 20   # timed batches per repetition below which a figure is refused (or flagged)
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -41,7 +54,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--filters", default="64,128,256", help="the CNN's conv widths")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--images", type=int, default=50_000, help="training images per epoch")
-    p.add_argument("--epochs", type=int, default=2, help="timed epochs per measurement")
+    p.add_argument("--epochs", type=int, default=1, help="timed epochs per repetition")
+    p.add_argument("--repeats", type=int, default=REPEATS,
+                   help=f"repetitions per figure, interleaved (at least {REPEATS}): the median is reported")
+    p.add_argument("--allow-few-batches", action="store_true",
+                   help=f"measure even with fewer than {MIN_BATCHES} timed batches per repetition (flagged)")
     p.add_argument("--warmup", type=int, default=1, help="untimed epochs before the timed ones")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="DataLoader workers of the plain pipeline")
@@ -58,7 +75,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--root", default=None, help="real CIFAR-10 (as data.root) instead of synthetic data")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.repeats < REPEATS:
+        p.error(f"--repeats {args.repeats}: a figure needs at least {REPEATS} repetitions (median and spread)")
+    batches = timed_batches(args.images, args.batch_size, args.epochs)
+    if batches < MIN_BATCHES and not args.allow_few_batches:
+        p.error(f"{args.images} images in batches of {args.batch_size} x {args.epochs} epoch(s) make "
+                f"{batches} timed batches per repetition, fewer than {MIN_BATCHES}: too few for a "
+                "figure to mean much. Raise --images or --epochs, or pass --allow-few-batches "
+                "(the figures are then flagged)")
+    return args
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -88,36 +114,75 @@ def adam(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)  # conf/optim/adam.yaml
 
 
+def timed_batches(images: int, batch_size: int, epochs: int) -> int:
+    """Training steps in `epochs` epochs of `images` (a partial last batch is dropped)."""
+    return epochs * (images // batch_size if images >= batch_size else 1)
+
+
+def spread_stats(rates: list[float], batches: int) -> dict:
+    """The median of per-repetition rates, their range, spread (range / median) and flags."""
+    median = statistics.median(rates)
+    spread = (max(rates) - min(rates)) / median if median > 0 else math.inf
+    flags = ([f"noisy: spread {spread:.0%} > {NOISY:.0%}"] if spread > NOISY else []) + \
+        ([f"few batches: {batches} < {MIN_BATCHES} timed per repetition"] if batches < MIN_BATCHES else [])
+    return {"images_per_s": median, "images_per_s_min": min(rates), "images_per_s_max": max(rates),
+            "repeats": len(rates), "spread": spread, "noisy": spread > NOISY,
+            "timed_batches": batches, "few_batches": batches < MIN_BATCHES, "flags": flags}
+
+
+def interleaved(runs: dict, args, device, step_images: dict | None = None) -> dict[str, dict]:
+    """Time `runs` ({name: one_epoch() -> images}) against each other: each warms up (untimed),
+    then `args.repeats` rounds time each in turn for `args.epochs` epochs. Per name: the median
+    images/s with its range and flags (spread_stats), seconds per epoch (median) and warm-up.
+    `step_images`: images per training step per name (default the batch size; a fused stack of
+    N members trains N x batch images a step)."""
+    repeats = max(getattr(args, "repeats", REPEATS), 1)
+    warmup_s = {}
+    for name, one_epoch in runs.items():
+        start = time.perf_counter()
+        for _ in range(args.warmup):
+            one_epoch()
+        sync(device)
+        warmup_s[name] = time.perf_counter() - start
+    rates, seconds, images = {n: [] for n in runs}, {n: [] for n in runs}, {}
+    for _ in range(repeats):
+        for name, one_epoch in runs.items():
+            sync(device)
+            start, done = time.perf_counter(), 0
+            for _ in range(args.epochs):
+                done += one_epoch()
+            sync(device)
+            took = time.perf_counter() - start
+            rates[name].append(done / took)
+            seconds[name].append(took / args.epochs)
+            images[name] = done // args.epochs
+    out = {}
+    for name in runs:
+        per_step = (step_images or {}).get(name, args.batch_size)
+        batches = args.epochs * max(1, math.ceil(images[name] / per_step))
+        out[name] = {"images_per_epoch": images[name], "warmup_s": warmup_s[name],
+                     "s_per_epoch": statistics.median(seconds[name]), **spread_stats(rates[name], batches)}
+    return out
+
+
 def timed_epochs(one_epoch, args, device) -> dict:
-    """Run warm-up then timed epochs of `one_epoch() -> images`; seconds are per timed epoch."""
-    start = time.perf_counter()
-    for _ in range(args.warmup):
-        one_epoch()
-    sync(device)
-    warmup_s = time.perf_counter() - start
-    images, start = 0, time.perf_counter()
-    for _ in range(args.epochs):
-        images += one_epoch()
-    sync(device)
-    seconds = time.perf_counter() - start
-    return {"images_per_epoch": images // args.epochs, "warmup_s": warmup_s,
-            "s_per_epoch": seconds / args.epochs, "images_per_s": images / seconds}
+    """One measurement alone: warm-up, then the median of `args.repeats` timed repetitions."""
+    return interleaved({"run": one_epoch}, args, device)["run"]
 
 
 # ----------------------------------------------------------------------------- the two pipelines
 
-def measure_plain(args, data: ImageData, device: torch.device) -> dict:
-    """torchvision-style loader with PIL transforms and workers, eager fp32 model."""
+def plain_run(args, data: ImageData, device: torch.device):
+    """The torchvision-style pipeline; returns (one_epoch() -> images, test_acc() -> float, label)."""
     model = build_model(args).to(device)
     optimizer, loss_fn = adam(model), nn.CrossEntropyLoss()
     train = plain.make_loader(data.train_x, data.train_y, batch_size=args.batch_size,
                               workers=args.workers, train=True, device=device, seed=args.seed)
-    result = timed_epochs(lambda: plain.train_epoch(model, train, loss_fn=loss_fn, optimizer=optimizer,
-                                                    device=device)["images"], args, device)
     test = plain.make_loader(data.test_x, data.test_y, batch_size=1024, workers=0, train=False,
                              device=device)
-    return {"pipeline": f"plain PyTorch (PIL + DataLoader x{args.workers}, fp32)", **result,
-            "test_acc": plain.accuracy(model, test, device)}
+    return (lambda: plain.train_epoch(model, train, loss_fn=loss_fn, optimizer=optimizer, device=device)["images"],
+            lambda: plain.accuracy(model, test, device),
+            f"plain PyTorch (PIL + DataLoader x{args.workers}, fp32)")
 
 
 def project_run(args, data: ImageData, device: torch.device, compile: bool = False):
@@ -146,6 +211,22 @@ def project_run(args, data: ImageData, device: torch.device, compile: bool = Fal
     return one_epoch, test_acc, label
 
 
+def measure_pipelines(args, data: ImageData, device: torch.device) -> list[dict]:
+    """The plain pipeline (unless --no-plain), this project's loop and, with --compile, the loop
+    compiled: timed in turn within each repetition."""
+    made = ([] if args.no_plain else [plain_run(args, data, device)]) + [project_run(args, data, device)]
+    if args.compile:
+        made.append(project_run(args, data, device, compile=True))
+    timings = interleaved({label: one_epoch for one_epoch, _, label in made}, args, device)
+    return [{"pipeline": label, **timings[label], "test_acc": test_acc()} for _, test_acc, label in made]
+
+
+def measure_plain(args, data: ImageData, device: torch.device) -> dict:
+    """torchvision-style loader with PIL transforms and workers, eager fp32 model."""
+    one_epoch, test_acc, label = plain_run(args, data, device)
+    return {"pipeline": label, **timed_epochs(one_epoch, args, device), "test_acc": test_acc()}
+
+
 def measure_project(args, data: ImageData, device: torch.device, compile: bool = False) -> dict:
     """train_one_epoch on device-resident uint8 data with pick_precision's settings."""
     one_epoch, test_acc, label = project_run(args, data, device, compile)
@@ -167,12 +248,15 @@ def concurrent_run(args, rank: int, threads: int, barrier, results) -> None:
         for _ in range(args.warmup):
             one_epoch()
         sync(device)
-        barrier.wait(timeout=1800)
-        start, images = time.time(), 0  # wall clock: comparable across processes
-        for _ in range(args.epochs):
-            images += one_epoch()
-        sync(device)
-        results.put({"rank": rank, "images": images, "start": start, "end": time.time()})
+        reps = []
+        for _ in range(args.repeats):  # all runs start each repetition together
+            barrier.wait(timeout=1800)
+            start, images = time.time(), 0  # wall clock: comparable across processes
+            for _ in range(args.epochs):
+                images += one_epoch()
+            sync(device)
+            reps.append({"images": images, "start": start, "end": time.time()})
+        results.put({"rank": rank, "reps": reps})
     except BaseException:
         barrier.abort()  # do not leave the other runs waiting
         results.put({"rank": rank, "error": traceback.format_exc()})
@@ -193,21 +277,31 @@ def measure_concurrent(args, n: int) -> dict:
     failed = [r["error"] for r in runs if "error" in r]
     if failed:
         raise RuntimeError(f"{len(failed)} of {n} concurrent runs failed; the first:\n{failed[0]}")
-    wall = max(r["end"] for r in runs) - min(r["start"] for r in runs)
-    per_run = [r["images"] / (r["end"] - r["start"]) for r in runs]
-    return {"runs": n, "threads_per_run": threads, "wall_s": wall,
-            "aggregate_images_per_s": sum(r["images"] for r in runs) / wall,
-            "mean_run_images_per_s": sum(per_run) / n}
+    batches = timed_batches(args.images, args.batch_size, args.epochs)
+    return {"runs": n, "threads_per_run": threads, **concurrent_stats([r["reps"] for r in runs], batches)}
+
+
+def concurrent_stats(reps: list[list[dict]], batches: int) -> dict:
+    """N runs' repetitions ({images, start, end} per run and repetition) as figures: per
+    repetition the aggregate images/s (all runs' images over the wall time from the first start to
+    the last end) and each run's own rate; medians over repetitions, the aggregate's spread."""
+    aggregate, per_run, walls = [], [], []
+    for rep in zip(*reps):
+        wall = max(r["end"] for r in rep) - min(r["start"] for r in rep)
+        walls.append(wall)
+        aggregate.append(sum(r["images"] for r in rep) / wall)
+        per_run.append(sum(r["images"] / (r["end"] - r["start"]) for r in rep) / len(rep))
+    stats = spread_stats(aggregate, batches)
+    return {"wall_s": statistics.median(walls), "aggregate_images_per_s": stats.pop("images_per_s"),
+            "aggregate_images_per_s_min": stats.pop("images_per_s_min"),
+            "aggregate_images_per_s_max": stats.pop("images_per_s_max"),
+            "mean_run_images_per_s": statistics.median(per_run), **stats}
 
 
 # ----------------------------------------------------------------------------- fused seeds
 
-def measure_fused(args, data: ImageData, device: torch.device, n: int) -> dict:
-    """n seeds as one stacked model (what hydra/launcher=fused trains): all members' images/s.
-
-    Each member has its own data order, augmentation and dropout stream, as in a sweep; the
-    same Adam, loss and precision as the project loop (but not channels_last).
-    """
+def fused_run(args, data: ImageData, device: torch.device, n: int):
+    """n seeds as one stacked model; returns (one_epoch() -> all members' images, mean test acc)."""
     data = data.to(device)
     precision = pick_precision(args.precision, device)
     seeds = [args.seed + k for k in range(n)]
@@ -221,12 +315,34 @@ def measure_fused(args, data: ImageData, device: torch.device, n: int) -> dict:
                                      batch_size=args.batch_size, generators=generators,
                                      rngs=rngs, precision=precision)["images"]
 
-    result = timed_epochs(one_epoch, args, device)
-    test_acc = sum(r["acc"] for r in stack.evaluate(data.test_x, data.test_y,
-                                                    precision=precision)) / n
-    return {"members": n, "aggregate_images_per_s": result["images_per_s"],
-            "s_per_epoch": result["s_per_epoch"], "warmup_s": result["warmup_s"],
+    def test_acc() -> float:
+        return sum(r["acc"] for r in stack.evaluate(data.test_x, data.test_y, precision=precision)) / n
+
+    return one_epoch, test_acc
+
+
+def fused_row(n: int, timing: dict, test_acc: float) -> dict:
+    return {"members": n, "aggregate_images_per_s": timing["images_per_s"],
+            **{k: timing[k] for k in ("images_per_s_min", "images_per_s_max", "repeats", "spread", "noisy",
+                                      "timed_batches", "few_batches", "flags", "s_per_epoch", "warmup_s")},
             "mean_test_acc": test_acc}
+
+
+def measure_fused(args, data: ImageData, device: torch.device, n: int) -> dict:
+    """n seeds as one stacked model (what hydra/launcher=fused trains): all members' images/s.
+
+    Each member has its own data order, augmentation and dropout stream, as in a sweep; the
+    same Adam, loss and precision as the project loop (but not channels_last).
+    """
+    return measure_fused_sizes(args, data, device, [n])[0]
+
+
+def measure_fused_sizes(args, data: ImageData, device: torch.device, sizes: list[int]) -> list[dict]:
+    """measure_fused for each stack size, the stacks timed in turn within each repetition."""
+    made = {n: fused_run(args, data, device, n) for n in sizes}
+    timings = interleaved({n: one_epoch for n, (one_epoch, _) in made.items()}, args, device,
+                          step_images={n: n * args.batch_size for n in sizes})
+    return [fused_row(n, timings[n], test_acc()) for n, (_, test_acc) in made.items()]
 
 
 # ----------------------------------------------------------------------------- report
@@ -239,6 +355,25 @@ def markdown(rows: list[dict], columns: dict[str, str]) -> str:
     lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r[k]) for k in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def spread_text(row: dict, key: str = "images_per_s") -> str:
+    """'1,020-1,110 (8%)': the repetitions' range and the spread, for a figure's table."""
+    lo, hi = row.get(f"{key}_min"), row.get(f"{key}_max")
+    if lo is None or hi is None:
+        return "-"
+    return f"{lo:,.0f}-{hi:,.0f} ({row['spread']:.0%})"
+
+
+def flags_text(*rows: dict) -> str:
+    """What makes a figure (or one computed from several) untrustworthy, or 'ok'."""
+    flags = list(dict.fromkeys(f for r in rows for f in r.get("flags", [])))
+    return "; ".join(flags) or "ok"
+
+
+def shown(row: dict, key: str = "images_per_s") -> dict:
+    """A row with its spread and flags as text, for markdown()."""
+    return {**row, "spread_text": spread_text(row, key), "flags_text": flags_text(row)}
 
 
 def machine(device: torch.device) -> str:
@@ -257,48 +392,58 @@ def main(argv=None) -> None:
     data = load_data(args)
     print(f"machine: {machine(device)}\nmodel: {args.model} filters={args.filters}, batch "
           f"{args.batch_size}, {len(data.train_y)} {data.source} training images, {args.warmup} "
-          f"warm-up + {args.epochs} timed epochs, {torch.get_num_threads()} CPU threads\n")
+          f"warm-up epoch(s), then {args.repeats} repetitions of {args.epochs} timed epoch(s) "
+          f"({timed_batches(args.images, args.batch_size, args.epochs)} batches each), "
+          f"{torch.get_num_threads()} CPU threads\n"
+          f"each figure: the median of the repetitions; spread: their range and (max - min) / median; "
+          f"noisy: spread > {NOISY:.0%}\n")
 
-    pipelines = [] if args.no_plain else [measure_plain(args, data, device)]
-    pipelines.append(measure_project(args, data, device))
-    if args.compile:
-        pipelines.append(measure_project(args, data, device, compile=True))
+    pipelines = measure_pipelines(args, data, device)
     for row in pipelines:
         row["speedup"] = row["images_per_s"] / pipelines[0]["images_per_s"]
         row["s_per_50k"] = 50_000 / row["images_per_s"]
-    print(markdown(pipelines, {"pipeline": "pipeline", "images_per_s": "images/s",
-                               "s_per_epoch": f"s/epoch ({pipelines[0]['images_per_epoch']} images)",
-                               "s_per_50k": "s per 50k images", "warmup_s": "warm-up s",
-                               "test_acc": "test acc",
-                               "speedup": "× eager" if args.no_plain else "× plain"}))
+        row["speedup_flags"] = flags_text(row, pipelines[0])
+    print(markdown([shown(r) for r in pipelines],
+                   {"pipeline": "pipeline", "images_per_s": "images/s (median)",
+                    "spread_text": f"range of {args.repeats} (spread)",
+                    "s_per_epoch": f"s/epoch ({pipelines[0]['images_per_epoch']} images)",
+                    "s_per_50k": "s per 50k images", "warmup_s": "warm-up s", "test_acc": "test acc",
+                    "speedup": "× eager" if args.no_plain else "× plain", "speedup_flags": "flags"}))
 
     alone = pipelines[-1 if not args.compile else -2]  # the project loop, eager
-    fused = []
-    for n in [int(c) for c in args.fused.split(",") if c.strip()]:
-        fused.append(measure_fused(args, data, device, n))
+    sizes = [int(c) for c in args.fused.split(",") if c.strip()]
+    fused = measure_fused_sizes(args, data, device, sizes) if sizes else []
+    for row in fused:
         # n separate runs one after another train at one run's rate, whatever n is
-        fused[-1]["vs_separate"] = fused[-1]["aggregate_images_per_s"] / alone["images_per_s"]
+        row["vs_separate"] = row["aggregate_images_per_s"] / alone["images_per_s"]
+        row["vs_separate_flags"] = flags_text(row, alone)
     if fused:
         print(f"\nfused seeds on {device} (one stacked model of N members, ablate/fused.py; "
               f"aggregate = all members' images / time; N separate runs one after another "
               f"train at {alone['images_per_s']:,.0f} images/s, the project loop's rate):\n")
-        print(markdown(fused, {"members": "members", "aggregate_images_per_s": "aggregate images/s",
-                               "s_per_epoch": "s per epoch (all members)",
-                               "warmup_s": "warm-up s", "mean_test_acc": "mean test acc",
-                               "vs_separate": "× N separate runs"}))
+        print(markdown([shown(r) for r in fused],
+                       {"members": "members", "aggregate_images_per_s": "aggregate images/s (median)",
+                        "spread_text": f"range of {args.repeats} (spread)",
+                        "s_per_epoch": "s per epoch (all members)",
+                        "warmup_s": "warm-up s", "mean_test_acc": "mean test acc",
+                        "vs_separate": "× N separate runs", "vs_separate_flags": "flags"}))
 
     concurrent = []
     for n in [int(c) for c in args.concurrency.split(",") if c.strip()]:
         concurrent.append(measure_concurrent(args, n))
         concurrent[-1]["speedup"] = concurrent[-1]["aggregate_images_per_s"] / \
             concurrent[0]["aggregate_images_per_s"]
+        concurrent[-1]["speedup_flags"] = flags_text(concurrent[-1], concurrent[0])
     if concurrent:
-        print(f"\nconcurrent runs of this project's loop on {device} (each {args.warmup} warm-up + "
-              f"{args.epochs} timed epochs; aggregate = all runs' images / wall time):\n")
-        print(markdown(concurrent, {"runs": "runs", "threads_per_run": "CPU threads/run",
-                                    "aggregate_images_per_s": "aggregate images/s",
-                                    "mean_run_images_per_s": "images/s per run", "wall_s": "wall s",
-                                    "speedup": f"× {concurrent[0]['runs']} run(s)"}))
+        print(f"\nconcurrent runs of this project's loop on {device} (each {args.warmup} warm-up, "
+              f"then {args.repeats} repetitions of {args.epochs} timed epoch(s), back to back, all runs "
+              f"starting each together; aggregate = all runs' images / wall time):\n")
+        print(markdown([shown(c, "aggregate_images_per_s") for c in concurrent],
+                       {"runs": "runs", "threads_per_run": "CPU threads/run",
+                        "aggregate_images_per_s": "aggregate images/s (median)",
+                        "spread_text": f"range of {args.repeats} (spread)",
+                        "mean_run_images_per_s": "images/s per run", "wall_s": "wall s",
+                        "speedup": f"× {concurrent[0]['runs']} run(s)", "speedup_flags": "flags"}))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(device), "args": vars(args),
                                                "pipelines": pipelines, "concurrent": concurrent,

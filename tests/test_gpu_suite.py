@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 from analysis.reproduction import SEED_RESULTS
@@ -154,8 +155,8 @@ def test_the_fused_hook_calls_throughput_measure_fused_as_throughput_does(monkey
     settings = suite_speed.Settings(device="cpu", images=64, tiny=True)
     suite_speed.fused_worker(4, settings, type("Queue", (), {"put": staticmethod(sent.append)}))
     assert calls == [("8,16,32", 64, "cpu", 4)]
-    assert sent == [{"model": "cnn", "members": 4, "aggregate_images_per_s": 123.0,
-                     "peak_mem_mb": None}, None]
+    assert sent == [{"model": "cnn", "label": "tiny CNN (8,16,32), the seed CNN's stand-in", "members": 4,
+                     "aggregate_images_per_s": 123.0, "peak_mem_mb": None}, None]
 
 
 def test_published_tables_keep_at_most_three_curve_pngs(tmp_path):
@@ -219,4 +220,94 @@ def test_dry_run_writes_its_files_and_tables(tmp_path):
     assert "### activation" in tables and "leaky_relu" in tables
     assert "![training curves](curves_activation.png)" in tables and "curves_activation.png" in files
     assert "synthetic data" in (out / "reproduction.md").read_text()  # labelled reduced scale
-    assert "seed CNN" in (out / "throughput.md").read_text()
+    speed_md = (out / "throughput.md").read_text()
+    assert "seed CNN" in speed_md and "seed CNN (64,128,256)" not in speed_md  # the stand-in, named as such
+    assert "tiny CNN (8,16,32)" in speed_md and "range of 3" in speed_md
+    # 128 images in batches of 128: every figure is flagged, and the plan stands on its defaults
+    assert all(r["few_batches"] and r["repeats"] == 3 for r in speed["pipelines"])
+    assert result["plan"]["left_out"] and "Left out of the plan" in speed_md
+
+
+# ----------------------------------------------------------------------------- noise
+
+def test_a_figure_is_the_median_of_interleaved_repetitions_with_its_spread():
+    from benchmarks import throughput
+
+    calls = []
+
+    def epoch(name, seconds):
+        def one_epoch():
+            calls.append(name)
+            time.sleep(seconds)
+            return 64 * 20
+        return one_epoch
+
+    args = throughput.parse_args(["--device", "cpu", "--images", "1280", "--batch-size", "64"])
+    assert (args.repeats, args.epochs) == (3, 1)
+    out = throughput.interleaved({"a": epoch("a", 0.02), "b": epoch("b", 0.04)}, args, torch.device("cpu"))
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-ups, then each repetition times both in turn
+    assert out["a"]["repeats"] == 3 and out["a"]["timed_batches"] == 20 and not out["a"]["few_batches"]
+    assert out["a"]["images_per_s_min"] <= out["a"]["images_per_s"] <= out["a"]["images_per_s_max"]
+    assert out["a"]["images_per_s"] > out["b"]["images_per_s"]
+    stats = throughput.spread_stats([100.0, 130.0, 95.0], batches=12)
+    assert stats["images_per_s"] == 100.0 and stats["spread"] == pytest.approx(0.35)
+    assert stats["noisy"] and stats["few_batches"]
+    assert stats["flags"] == ["noisy: spread 35% > 25%", "few batches: 12 < 20 timed per repetition"]
+    assert not throughput.spread_stats([100.0, 110.0, 105.0], batches=20)["flags"]
+
+
+def test_too_few_batches_or_repetitions_are_refused_unless_asked(capsys):
+    from benchmarks import throughput
+
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--images", "512", "--batch-size", "64"])  # 8 batches
+    assert "8 timed batches per repetition, fewer than 20" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--images", "5120", "--repeats", "2"])
+    assert throughput.parse_args(["--images", "512", "--batch-size", "64", "--allow-few-batches"]).images == 512
+
+
+def test_concurrent_figures_are_medians_over_repetitions():
+    from benchmarks import throughput
+
+    reps = [[{"images": 100, "start": 0.0, "end": 1.0}, {"images": 100, "start": 10.0, "end": 12.0},
+             {"images": 100, "start": 20.0, "end": 21.0}],
+            [{"images": 100, "start": 0.0, "end": 1.0}, {"images": 100, "start": 10.0, "end": 11.0},
+             {"images": 100, "start": 20.0, "end": 21.0}]]
+    row = throughput.concurrent_stats(reps, batches=40)
+    assert row["aggregate_images_per_s"] == 200.0 and row["aggregate_images_per_s_min"] == 100.0
+    assert row["noisy"] and row["repeats"] == 3 and row["wall_s"] == 1.0
+
+
+def test_the_plan_stands_on_no_noisy_figure(tmp_path):
+    args = gpu_suite.parse_args(["--out", str(tmp_path), "--device", "cpu", "--tables", "activation"])
+    stage1 = speed_rows(2.0, 1.0, 30.0)
+    noisy = {"noisy": True, "flags": ["noisy: spread 40% > 25%"]}
+    stage1["concurrent"][2].update(noisy)  # 4 at once: noisy
+    assert gpu_suite.plan(args, stage1, 200)["slots"] == 2  # the best of what is left
+    for c in stage1["concurrent"]:
+        c.update(noisy)
+    the_plan = gpu_suite.plan(args, stage1, 1000)
+    assert the_plan["slots"] == 1 and "to trust" in the_plan["slots_why"]
+    assert len(the_plan["left_out"]) == 4 and "x4 at once (noisy: spread 40% > 25%)" in the_plan["left_out"][2]
+    assert gpu_suite.choose_compile(stage1, "cnn", 50)
+    stage1["pipelines"][1].update(noisy)  # the compiled figure is noisy: no compile on its strength
+    assert not gpu_suite.choose_compile(stage1, "cnn", 50)
+    stage1["fused"] = [{"members": 3, "aggregate_images_per_s": 900.0, "few_batches": True}]
+    assert not gpu_suite.choose_fused(stage1, 3)
+
+
+def test_speed_tables_name_what_ran():
+    from benchmarks import suite_speed
+
+    assert suite_speed.label("cnn", tiny=False, params=2_500_000) == "seed CNN (64,128,256), 2.5M params"
+    assert "seed CNN (64,128,256)" not in suite_speed.label("cnn", tiny=True)
+    row = {"model": "cnn", "label": suite_speed.label("resnet18", tiny=True), "pipeline": "project",
+           "images_per_s": 100.0, "images_per_s_min": 90.0, "images_per_s_max": 140.0, "spread": 0.5,
+           "noisy": True, "flags": ["noisy: spread 50% > 25%"], "s_per_50k": 500.0, "setup_s": 0.0,
+           "peak_mem_mb": None, "x_plain": None}
+    stage1 = {"settings": {"workers": 0, "images": 128, "batch_size": 128, "warmup": 1, "epochs": 1,
+                           "repeats": 3},
+              "pipelines": [row], "concurrent": [], "fused": [], "skipped": []}
+    text = gpu_suite.speed_markdown(stage1, None, "cpu")
+    assert "ResNet-18 at width 4" in text and "90-140 (50%)" in text and "noisy: spread 50%" in text
