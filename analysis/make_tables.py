@@ -78,6 +78,16 @@ def tuned_reports(runs, reports: list[dict], tune: list[str]) -> dict:
     return out
 
 
+def save(fig, path: Path) -> None:
+    """Write a figure and free it: a call over many sweeps would otherwise hold every one."""
+    import matplotlib.pyplot as plt
+
+    try:
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+
+
 def write_reports(out: Path, runs, frames: dict, reports: list[dict], tuned: dict,
                   tune: list[str]) -> tuple[str, list[str]]:
     """Write tables.md (with reproduction.md when some run reproduces the seed report) and the
@@ -93,14 +103,14 @@ def write_reports(out: Path, runs, frames: dict, reports: list[dict], tuned: dic
         sweep_curves = curves[curves["run_dir"].isin(sweep_runs["run_dir"])]
         if len(report["table"]) and len(sweep_curves):
             name = unique(f"{slug(Path(report['sweep']).name)}.png", written)
-            curves_figure(sweep_runs, sweep_curves, report["keys"], report["title"]).savefig(out / name, dpi=110)
+            save(curves_figure(sweep_runs, sweep_curves, report["keys"], report["title"]), out / name)
             written.append(name)
             md += f"\n![training curves]({name})\n"
         if report["sweep"] in tuned:
             table, budget = tuned[report["sweep"]]
             title = tuned_title(table, report["arms"], tune)
             name = unique(f"{slug(Path(report['sweep']).name)}_budget.png", written)
-            budget_figure(budget, report["arms"], tune, title).savefig(out / name, dpi=110)
+            save(budget_figure(budget, report["arms"], tune, title), out / name)
             written.append(name)
             md += "\n" + tuned_markdown(table, report["arms"], tune, title)
             md += f"\n![budget curves]({name})\n"

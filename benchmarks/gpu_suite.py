@@ -28,6 +28,7 @@ T0 = time.monotonic()  # the budget counts from here, imports included
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
@@ -81,6 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--slots", type=int, default=None,
                    help="stage 2: train.py processes at once (default: the best N of stage 1)")
     args = p.parse_args(argv)
+    check_args(p, args)
     dry = args.dry_run
     args.device = args.device or ("cpu" if dry or not torch.cuda.is_available() else "cuda")
     args.budget_s = args.budget_s or (90.0 if dry else 420.0)
@@ -99,6 +101,38 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.train_size, args.test_size = args.train_size or 256, args.test_size or 128
     args.seeds_per_process = args.seeds_per_process or (len(args.seeds) if dry else 1)
     return args
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, in one line and before any work, what would fail late or be silently replaced."""
+    for name in ("budget_s", "stage1_s", "scale"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            p.error(f"--{name.replace('_', '-')} must be a number > 0, not {value}")
+    for name in ("images", "train_size", "test_size", "seeds_per_process", "slots"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, not {value}")
+    for name, text in (("concurrency", args.concurrency), ("seeds", args.seeds)):
+        if text is None:
+            continue
+        try:
+            values = [int(v) for v in text.split(",")]
+        except ValueError:
+            p.error(f"--{name} must be comma-separated whole numbers, e.g. 1,2,4; not {text!r}")
+        if name == "concurrency" and min(values) < 1:
+            p.error(f"--concurrency counts runs at once: each must be >= 1, not {text!r}")
+        if len(set(values)) < len(values):
+            p.error(f"--{name} repeats a value: {text!r}")
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"--out {args.out} is a file, not a folder")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        probe = args.out / f".writable.{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        p.error(f"--out {args.out} cannot be written: {err.strerror or err}")
 
 
 def left(args) -> float:

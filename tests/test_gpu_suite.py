@@ -311,3 +311,28 @@ def test_speed_tables_name_what_ran():
               "pipelines": [row], "concurrent": [], "fused": [], "skipped": []}
     text = gpu_suite.speed_markdown(stage1, None, "cpu")
     assert "ResNet-18 at width 4" in text and "90-140 (50%)" in text and "noisy: spread 50%" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budget-s", "nan"], "--budget-s must be a number > 0, not nan"),
+    (["--budget-s", "0"], "--budget-s must be a number > 0, not 0.0"),
+    (["--budget-s", "-5"], "--budget-s must be a number > 0, not -5.0"),
+    (["--concurrency", "0"], "--concurrency counts runs at once: each must be >= 1"),
+    (["--concurrency", "1,x"], "--concurrency must be comma-separated whole numbers"),
+    (["--seeds", ""], "--seeds must be comma-separated whole numbers"),
+    (["--seeds", "0,0"], "--seeds repeats a value"),
+    (["--images", "0"], "--images must be >= 1, not 0"),
+])
+def test_bad_options_are_refused_in_one_line_before_any_work(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as stop:
+        gpu_suite.parse_args(["--out", str(tmp_path / "out"), "--dry-run", *argv])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_out_that_is_a_file_or_cannot_be_written_is_refused(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for out, message in ((tmp_path / "file", "is a file, not a folder"),
+                         (tmp_path / "file" / "sub", "cannot be written")):
+        with pytest.raises(SystemExit):
+            gpu_suite.parse_args(["--out", str(out), "--dry-run"])
+        assert message in capsys.readouterr().err
