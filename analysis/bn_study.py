@@ -23,6 +23,7 @@ from matplotlib.ticker import MaxNLocator
 
 from analysis.plots import LINESTYLES, MARKERS, draw_lines, mean_sd
 from analysis.runs import collect as runs_collector
+from analysis.runs import printable
 
 VARIANTS = ("no BN", "BN")  # fixed order and colours in every plot
 PALETTE = {"no BN": "tab:red", "BN": "tab:blue"}
@@ -147,7 +148,7 @@ def _counts(runs: pd.DataFrame) -> str:
 
 
 def _title(sweep: str | None, what: str, runs: pd.DataFrame) -> str:
-    return f"{sweep + ': ' if sweep else ''}{what}\n({_counts(runs)})"
+    return printable(f"{sweep + ': ' if sweep else ''}{what}\n({_counts(runs)})")
 
 
 def _lr_styles(lrs: list[float]) -> dict:

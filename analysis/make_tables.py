@@ -12,7 +12,7 @@ from pathlib import Path
 from analysis.plan import plan_markdown, plan_table
 from analysis.reproduction import hydra_composer, load_seed_results, reproduction_table
 from analysis.reproduction import to_markdown as reproduction_markdown
-from analysis.runs import collect
+from analysis.runs import collect, printable
 from analysis.tables import sweep_reports
 from analysis.tuning import TuningError, budget_curves, tuned_markdown, tuned_table, tuned_title
 
@@ -21,12 +21,6 @@ MANIFEST = ".written"  # what the last call wrote into its output folder, to cle
 
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[-80:] or "runs"
-
-
-def printable(text: str) -> str:
-    """Text safe to write and print: bytes of a folder name that are not UTF-8 (which Python
-    carries as lone surrogates) become U+FFFD instead of failing the whole call."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def unique(name: str, taken: list[str]) -> str:

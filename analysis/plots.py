@@ -17,6 +17,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from analysis.runs import printable  # noqa: E402
 from analysis.tables import HEADERS, label  # noqa: E402
 
 LINESTYLES = ["-", "--", ":", "-.", (0, (5, 1.5, 1, 1.5, 1, 1.5)), (0, (8, 2)), (0, (1, 3))]
@@ -150,7 +151,7 @@ def curves_figure(runs: pd.DataFrame, curves: pd.DataFrame, keys: list[str], tit
     names = [f"{', '.join(map(str, known[i]))} (n={n[i]})" for i in order]
     fig.legend(handles, names, loc="outside right upper", fontsize=8,
                title=" / ".join(HEADERS.get(k, k) for k in keys) or None)
-    fig.suptitle(f"{name} — {title}" if name else title)
+    fig.suptitle(printable(f"{name} — {title}" if name else title))
     caption = spread_caption([int(n[i]) for i in order] or [0], "points" if points else "lines")
     if right[0] == "train_acc_pct":
         caption += "; right: train accuracy, as the variants' losses are on different scales"

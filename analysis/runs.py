@@ -46,6 +46,12 @@ CACHE_ENV = "ABLATE_CACHE"  # the cache's folder; "off" turns it off (default ~/
 CACHE_MIN_RUNS = 200  # fewer run folders under a root are read fast enough without a cache
 
 
+def printable(text: str) -> str:
+    """Text safe to write, print and draw: bytes of a folder name that are not UTF-8 (which Python
+    carries as lone surrogates) become U+FFFD instead of failing the whole call."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 class Unreadable(Exception):
     """A run's file that cannot be trusted; the message names the file and says why."""
 
