@@ -175,17 +175,8 @@ def concurrent_worker(name: str, s: Settings, rank: int, threads: int, barrier, 
         one_epoch = project_epoch(build(name, s.tiny).to(device),
                                   make_synthetic(train_size=s.images, test_size=64, seed=rank),
                                   device, compile=False, batch_size=s.batch_size)
-        for _ in range(s.warmup):
-            one_epoch()
-        throughput.sync(device)
-        reps = []
-        for _ in range(s.repeats):  # all runs start each repetition together
-            barrier.wait(timeout=600)
-            start, images = time.time(), 0  # wall clock: comparable across processes
-            for _ in range(s.epochs):
-                images += one_epoch()
-            throughput.sync(device)
-            reps.append({"images": images, "start": start, "end": time.time()})
+        reps = throughput.synchronized_reps(one_epoch, device, warmup=s.warmup, repeats=s.repeats,
+                                            epochs=s.epochs, barrier=barrier, timeout=600)
         results.put({"rank": rank, "reps": reps, "peak_mem_mb": peak_mb(device)})
     except BaseException:
         barrier.abort()  # do not leave the other runs waiting

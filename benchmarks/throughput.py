@@ -236,6 +236,24 @@ def measure_project(args, data: ImageData, device: torch.device, compile: bool =
 
 # ----------------------------------------------------------------------------- concurrent runs
 
+def synchronized_reps(one_epoch, device: torch.device, *, warmup: int, repeats: int, epochs: int,
+                      barrier, timeout: float) -> list[dict]:
+    """A concurrent run's timing: warm up, then `repeats` times wait for the other runs at the
+    barrier and time `epochs` epochs by the wall clock (comparable across processes)."""
+    for _ in range(warmup):
+        one_epoch()
+    sync(device)
+    reps = []
+    for _ in range(repeats):  # all runs start each repetition together
+        barrier.wait(timeout=timeout)
+        start, images = time.time(), 0
+        for _ in range(epochs):
+            images += one_epoch()
+        sync(device)
+        reps.append({"images": images, "start": start, "end": time.time()})
+    return reps
+
+
 def concurrent_run(args, rank: int, threads: int, barrier, results) -> None:
     """One of N simultaneous runs: set up, warm up, wait for the others, then time its epochs."""
     try:
@@ -245,17 +263,8 @@ def concurrent_run(args, rank: int, threads: int, barrier, results) -> None:
             torch.backends.cudnn.benchmark = True
         args.seed += rank  # different runs, as in a sweep
         one_epoch, _, _ = project_run(args, load_data(args), device)
-        for _ in range(args.warmup):
-            one_epoch()
-        sync(device)
-        reps = []
-        for _ in range(args.repeats):  # all runs start each repetition together
-            barrier.wait(timeout=1800)
-            start, images = time.time(), 0  # wall clock: comparable across processes
-            for _ in range(args.epochs):
-                images += one_epoch()
-            sync(device)
-            reps.append({"images": images, "start": start, "end": time.time()})
+        reps = synchronized_reps(one_epoch, device, warmup=args.warmup, repeats=args.repeats,
+                                 epochs=args.epochs, barrier=barrier, timeout=1800)
         results.put({"rank": rank, "reps": reps})
     except BaseException:
         barrier.abort()  # do not leave the other runs waiting
