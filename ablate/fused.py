@@ -474,9 +474,7 @@ def train_stack(jobs: list[Job], ckpts: list[dict | None]) -> list[RunRecord]:
                 saved_rng = ckpt["rng_cpu"] if device.type == "cpu" else ckpt.get("rng_cuda")
                 if saved_rng is not None:
                     member.rng.set_state(saved_rng)
-                summarize(member.state.rows, record)  # its epochs so far, as a run alone keeps them
-                record.images_per_second = \
-                    member.state.train_images / max(member.state.train_seconds, 1e-9)
+                summarize(member.state, record)  # its epochs so far, as a run alone keeps them
                 log.info("resuming %s after epoch %d", job.run_dir, member.state.epoch)
             models.append(model.to(device))
             members.append(member)
@@ -618,9 +616,7 @@ def fit_stack(alive: list[Member], stack: Stack, data, *, optimizer, scheduler, 
         log.info("epoch %d/%d of %d fused seeds | test acc %s | lr %.3g | %.1fs", epoch, cfg.epochs,
                  len(alive), " ".join(f"{t['acc']:.4f}" for t in test), lr, seconds)
     for member in alive:  # also when resumed after the last epoch: the record is whole
-        summarize(member.state.rows, member.record)
-        member.record.images_per_second = \
-            member.state.train_images / max(member.state.train_seconds, 1e-9)
+        summarize(member.state, member.record)
 
 
 def _end_epoch(member: Member, stack: Stack, m: int, row: dict, images: int, best_key: str,
@@ -639,8 +635,7 @@ def _end_epoch(member: Member, stack: Stack, m: int, row: dict, images: int, bes
     write_metrics(state.rows, run_dir)
     if steps is not None:
         append_steps(run_dir / STEPS_FILE, row["epoch"], steps)
-    summarize(state.rows, member.record)
-    member.record.images_per_second = state.train_images / max(state.train_seconds, 1e-9)
+    summarize(state, member.record)
     member.record.save(run_dir)
     save_member_checkpoint(member, stack, m, optimizer, scheduler, device)
 

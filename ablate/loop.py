@@ -223,10 +223,12 @@ def step_scheduler(scheduler, monitor_loss: float) -> None:
         scheduler.step()
 
 
-def summarize(rows: list[dict], record: RunRecord) -> None:
-    """Fill the record's accuracy fields from the per-epoch rows."""
+def summarize(state: FitState, record: RunRecord) -> None:
+    """Fill the record's accuracy fields and training speed from the epochs done so far."""
+    rows = state.rows
     if not rows:
         return
+    record.images_per_second = state.train_images / max(state.train_seconds, 1e-9)
     best = max(rows, key=lambda r: r["test_acc"])  # first epoch reaching the maximum
     record.epochs_run = rows[-1]["epoch"]
     record.final_test_acc = rows[-1]["test_acc"]
@@ -412,7 +414,7 @@ class Metrics(Callback):
     """metrics.csv and result.json after every epoch: the record always says how far the run got."""
 
     def on_fit_start(self, loop: Loop) -> None:
-        summarize(loop.state.rows, loop.record)  # a resumed run's record keeps the accuracies it had
+        summarize(loop.state, loop.record)  # a resumed run's record keeps the accuracies it had
         loop.record.save(loop.run_dir)  # status "running"
 
     def on_epoch_end(self, loop: Loop, row: dict) -> None:
@@ -420,6 +422,5 @@ class Metrics(Callback):
         self.on_fit_end(loop)
 
     def on_fit_end(self, loop: Loop) -> None:  # after SWA's entries, which come before in the callbacks
-        summarize(loop.state.rows, loop.record)
-        loop.record.images_per_second = loop.state.train_images / max(loop.state.train_seconds, 1e-9)
+        summarize(loop.state, loop.record)
         loop.record.save(loop.run_dir)
