@@ -10,18 +10,18 @@ CPU), BatchNorm statistics (stacked buffers), L1 term, gradient norm clipping, d
 check and best epoch. One optimizer over the stacked tensors acts element-wise, so it equals N
 optimizers; `fusable` checks that for the configured optimizer and refuses what cannot be fused.
 
-Every member checkpoints into its own run folder in `ablate.checkpoint`'s format, so a member
-resumes fused or alone, and a run begun alone resumes in a group.
+The stack is what `loop.fit` trains (`Fused`); each member is a `MemberLoop`, which its
+callbacks (the same as its run alone would have: metrics and record, best weights, checkpoint,
+step losses, loggers, user callbacks) see as a run of its own. So every member checkpoints into
+its own run folder in `ablate.checkpoint`'s format: a member resumes fused or alone, and a run
+begun alone resumes in a group.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-import os
-import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,12 +29,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from ablate.checkpoint import atomic_torch_save, link_seed_name, load_checkpoint, save_finished
-from ablate.data import batches
-from ablate.loop import Diverged, FitState, Precision, divergence, pick_precision, summarize
-from ablate.record import (BEST_WEIGHTS, CHECKPOINT_FILE, STEPS_FILE, RunRecord, WriteError,
-                           identity, write_metrics)
-from ablate.savers import append_steps
+from ablate.checkpoint import link_seed_name, load_checkpoint, save_finished
+from ablate.data import batches, num_batches
+from ablate.loop import (Diverged, Loop, Precision, Progress, Recipe, Schedule, fit,
+                         pick_precision)
+from ablate.record import RunRecord, WriteError, identity
 
 log = logging.getLogger("ablate")
 
@@ -183,14 +182,6 @@ def stack_optimizer_states(states: list[dict], params: list[torch.Tensor]) -> di
     return {"state": merged, "param_groups": states[0]["param_groups"]}
 
 
-def select_optimizer_state(state: dict, params: list[torch.Tensor], members: list[int]) -> dict:
-    """A stacked optimizer's state_dict restricted to some members."""
-    index = torch.tensor(members)
-    per_param = {i: {k: v[index.to(v.device)] if _is_stacked(v, params[i]) else v
-                     for k, v in s.items()} for i, s in state["state"].items()}
-    return {"state": per_param, "param_groups": state["param_groups"]}
-
-
 def clip_per_member(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """nn.utils.clip_grad_norm_ for each member's slice of the stacked gradients; returns the norms."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -216,16 +207,21 @@ def stacked_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int,
 def train_stack_epoch(stack: Stack, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                       y: torch.Tensor, *, batch_size: int, generators: list[torch.Generator],
                       rngs: list[torch.Generator], grad_clip: float | None = None,
-                      precision: Precision = Precision(),
-                      step_losses: list | None = None) -> dict:
-    """loop.train_one_epoch for every member at once; per-member mean data loss and accuracy."""
+                      precision: Precision = Precision(), loops: list[MemberLoop] = (),
+                      desc: str = "train") -> dict:
+    """loop.train_one_epoch for every member at once; per-member mean data loss and accuracy.
+    Member m draws its data order from generators[m] and its dropout from rngs[m]; the
+    callbacks of `loops` (one per member) see its own batch and loss at every step, as alone."""
     device = x.device
     total_loss = torch.zeros(stack.size, device=device)
     correct = torch.zeros(stack.size, device=device, dtype=torch.long)
     seen = 0
     first_loss = None
     params = list(stack.params.values())
+    progress = Progress(desc, min(len(y), num_batches(len(y), batch_size, train=True) * batch_size))
     for inputs, targets in stacked_batches(x, y, batch_size, generators):
+        for m, loop in enumerate(loops):
+            loop.call("before_step", inputs[m], targets[m])
         with precision.autocast(device):
             objective, loss, logits = stack.train_forward(inputs, targets, rngs)
         optimizer.zero_grad(set_to_none=True)
@@ -240,13 +236,15 @@ def train_stack_epoch(stack: Stack, optimizer: torch.optim.Optimizer, x: torch.T
                 raise
             # Members of a group differ only in their seed, so the step overflows for each.
             raise Diverged(f"the optimizer step overflowed ({err})") from None
+        loss = loss.detach()
         if first_loss is None:
-            first_loss = loss.detach()
-        total_loss += loss.detach() * targets.shape[1]
+            first_loss = loss
+        total_loss += loss * targets.shape[1]
         correct += (logits.argmax(-1) == targets).sum(1)
         seen += targets.shape[1]
-        if step_losses is not None:
-            step_losses.append(loss.detach())
+        for m, loop in enumerate(loops):
+            loop.call("after_step", loss[m])
+        progress.step(seen, total_loss.sum() / stack.size)
     return {"loss": (total_loss / seen).tolist(), "first_loss": first_loss.tolist(),
             "acc": (correct / seen).tolist(), "images": seen}
 
@@ -292,8 +290,6 @@ def fusable(cfg: DictConfig) -> str | None:
         return "SWA averages and re-normalises one model"
     if cfg.get("probe"):
         return "the probe perturbs one model's weights"
-    if cfg.get("callbacks") or cfg.get("logger"):
-        return "callbacks and loggers hook into one model's loop"
     if cfg.get("compile"):
         return "compile=true"
     try:
@@ -332,53 +328,80 @@ class Job:
     job_num: int | None = None
 
 
-@dataclass
-class Member:
-    """A job inside the stack: its record and what `fit` would hold for it alone."""
+@dataclass(eq=False)
+class MemberLoop(Loop):
+    """A member of the stack as its callbacks see it: a run of its own, whose weights, gradients,
+    optimizer state and dropout stream are its slices of the stack's."""
 
-    job: Job
-    record: RunRecord
-    generator: torch.Generator  # data order and augmentation
-    rng: torch.Generator        # dropout: the stream a single run's global generator would be
-    state: FitState = field(default_factory=FitState)
-    best: float = -1.0
+    fused: Fused | None = None
+    rng: torch.Generator | None = None  # dropout: the stream a single run's global generator would be
+
+    @property
+    def index(self) -> int:
+        return next(m for m, loop in enumerate(self.fused.loops) if loop is self)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self.fused.stack.state_dict(self.index)
+
+    def gradients(self) -> list[torch.Tensor]:
+        m = self.index
+        return [p.grad[m] for p in self.fused.stack.params.values() if p.grad is not None]
+
+    def optimizer_state(self) -> dict:
+        return member_optimizer_state(self.recipe.optimizer.state_dict(),
+                                      list(self.fused.stack.params.values()), self.index)
+
+    def rng_states(self) -> dict:
+        cpu = self.rng.device.type == "cpu"
+        return {"rng_cpu": self.rng.get_state() if cpu else torch.get_rng_state(),
+                "rng_cuda": None if cpu else self.rng.get_state()}
+
+    def load_training(self, ckpt: dict) -> None:
+        """Nothing: train_stack built the stack and its optimizer from the members' checkpoints."""
+
+    def load_rng_states(self, ckpt: dict) -> None:
+        saved = ckpt["rng_cpu"] if self.rng.device.type == "cpu" else ckpt.get("rng_cuda")
+        if saved is not None:
+            self.rng.set_state(saved)
 
 
-@contextlib.contextmanager
-def signals_deferred():
-    """Hold SIGTERM/SIGINT while the members' epoch goes to disk: all checkpoints stay at one epoch.
+class Fused:
+    """What `loop.fit` trains for a fused group: the stack, one optimizer over it, the members."""
 
-    Held in Python rather than with pthread_sigmask, which covers one thread only: the kernel
-    may hand the signal to one of torch's worker threads, and Python still runs its handler.
-    """
-    caught: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
-                for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if caught:  # deliver it now, to whoever handled it before
-            os.kill(os.getpid(), caught[0])
+    def __init__(self, stack: Stack, recipe: Recipe):
+        self.stack, self.recipe = stack, recipe
+        self.loops: list[MemberLoop] = []
 
+    def train_epoch(self, loops: list[MemberLoop], desc: str) -> list[dict]:
+        data, r = loops[0].data, self.recipe
+        out = train_stack_epoch(self.stack, r.optimizer, data.train_x, data.train_y,
+                                batch_size=r.batch_size, generators=[m.generator for m in loops],
+                                rngs=[m.rng for m in loops], grad_clip=r.grad_clip,
+                                precision=r.precision, loops=loops, desc=desc)
+        return [{"loss": out["loss"][m], "first_loss": out["first_loss"][m], "acc": out["acc"][m],
+                 "images": out["images"]} for m in range(len(loops))]
 
-def save_member_checkpoint(member: Member, stack: Stack, m: int, optimizer, scheduler,
-                           device: torch.device) -> None:
-    """The keys of ablate.checkpoint.save_checkpoint, with the member's own streams."""
-    params = list(stack.params.values())
-    atomic_torch_save({
-        "identity": member.record.config_hash,  # a run of another config never resumes it
-        "state": asdict(member.state),
-        "model": stack.state_dict(m),
-        "optimizer": member_optimizer_state(optimizer.state_dict(), params, m),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "generator": member.generator.get_state(),
-        "rng_cpu": member.rng.get_state() if device.type == "cpu" else torch.get_rng_state(),
-        "rng_cuda": member.rng.get_state() if device.type == "cuda" else None,
-        "swa": None,
-        "scaler": None,
-    }, member.job.run_dir / CHECKPOINT_FILE)
+    def finite(self) -> list[bool]:
+        return self.stack.finite_members()
+
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> list[dict]:
+        return self.stack.evaluate(x, y, precision=self.recipe.precision)
+
+    def drop(self, keep: list[int]) -> None:
+        """Drop the other members: the stack and the optimizer's state keep the survivors' slices
+        (the optimizer and its scheduler go on as they were)."""
+        old = list(self.stack.params.values())
+        self.stack.keep(keep)
+        self.loops = [self.loops[m] for m in keep]
+        new = dict(zip(map(id, old), self.stack.params.values()))
+        optimizer = self.recipe.optimizer
+        index = torch.tensor(keep, dtype=torch.long)
+        kept = {new[id(p)]: {k: v[index.to(v.device)] if _is_stacked(v, p) else v for k, v in s.items()}
+                for p, s in optimizer.state.items()}
+        optimizer.state.clear()
+        optimizer.state.update(kept)
+        for group in optimizer.param_groups:
+            group["params"] = [new[id(p)] for p in group["params"]]
 
 
 def run_group(jobs: list[Job]) -> list[str]:
@@ -433,8 +456,9 @@ def run_group(jobs: list[Job]) -> list[str]:
 
 
 def train_stack(jobs: list[Job], ckpts: list[dict | None]) -> list[RunRecord]:
-    """Build N members from their configs, fit them as one stack, write N records."""
-    from ablate.train import Interrupted, build, git_commit, pick_device, read_record
+    """Build N members from their configs, fit them as one stack through `loop.fit` (each with
+    the callbacks of its run alone), write N records."""
+    from ablate.train import Interrupted, build, build_callbacks, git_commit, pick_device, read_record
 
     cfg = jobs[0].cfg
     device = pick_device(cfg.device, jobs[0].job_num)
@@ -444,21 +468,22 @@ def train_stack(jobs: list[Job], ckpts: list[dict | None]) -> list[RunRecord]:
         torch.backends.cudnn.benchmark = True  # fixed input shapes, as in train.run
         if device.index is not None:
             torch.cuda.set_device(device)
+    precision = pick_precision(cfg.precision, device)
     records = []
     for job in jobs:
         previous = read_record(job.run_dir)
         records.append(RunRecord(choices=job.choices, overrides=job.overrides, seed=job.cfg.seed,
-                                 epochs=cfg.epochs, device=str(device),
-                                 precision=pick_precision(cfg.precision, device).name,
+                                 epochs=cfg.epochs, device=str(device), precision=precision.name,
                                  torch_version=str(torch.__version__), git_commit=git_commit(),
                                  threads=torch.get_num_threads(),
                                  config_hash=identity(OmegaConf.to_container(job.cfg, resolve=True)),
                                  wall_seconds=previous.wall_seconds if previous else 0.0))
     start = time.perf_counter()
+    loops: list[MemberLoop] = []
     try:
         data = build(cfg, "data").to(device)  # the same images for every seed (fixed split seed)
-        models, members = [], []
-        for job, record, ckpt in zip(jobs, records, ckpts):
+        models, rngs = [], []
+        for job, ckpt in zip(jobs, ckpts):
             torch.manual_seed(job.cfg.seed)  # as train.run: the model's init comes from the seed
             model = build(job.cfg, "model")
             rng = torch.Generator(device=device)
@@ -466,47 +491,39 @@ def train_stack(jobs: list[Job], ckpts: list[dict | None]) -> list[RunRecord]:
                 rng.set_state(torch.get_rng_state())
             else:
                 rng.manual_seed(job.cfg.seed)
-            member = Member(job, record, torch.Generator(device=device).manual_seed(job.cfg.seed), rng)
             if ckpt is not None:
                 model.load_state_dict(ckpt["model"])
-                member.state = FitState(**ckpt["state"])
-                member.generator.set_state(ckpt["generator"])
-                saved_rng = ckpt["rng_cpu"] if device.type == "cpu" else ckpt.get("rng_cuda")
-                if saved_rng is not None:
-                    member.rng.set_state(saved_rng)
-                summarize(member.state, record)  # its epochs so far, as a run alone keeps them
-                log.info("resuming %s after epoch %d", job.run_dir, member.state.epoch)
             models.append(model.to(device))
-            members.append(member)
+            rngs.append(rng)
         loss_fn = build(cfg, "loss").to(device)
         stack = Stack(models, loss_fn, l1_lambda=cfg.l1_lambda)
         del models
         params = list(stack.params.values())
         optimizer = build(cfg, "optim", params)
-        scheduler = build(cfg, "sched", optimizer)
+        schedule = Schedule(build(cfg, "sched", optimizer))
         if ckpts[0] is not None:  # all members of a group stopped at the same epoch
             optimizer.load_state_dict(stack_optimizer_states([c["optimizer"] for c in ckpts], params))
-            if scheduler is not None:
-                scheduler.load_state_dict(ckpts[0]["scheduler"])
-        for member, record in zip(members, records):
+        recipe = Recipe(loss_fn, optimizer, cfg.batch_size, cfg.l1_lambda, cfg.grad_clip, precision)
+        fused = Fused(stack, recipe)
+        for job, record, rng in zip(jobs, records, rngs):
             record.params = sum(p[0].numel() for p in params)
             record.scale, record.data_source = cfg.get("scale", 1.0), data.source
             record.train_images, record.val_images, record.test_images = \
                 len(data.train_y), len(data.val_y), len(data.test_y)
-            record.extra["fused_members"] = len(members)
-            record.save(member.job.run_dir)
-        log.info("fused %d seeds (%s) | %d params each | %d train / %d test images | %s",
-                 len(members), ", ".join(str(m.job.cfg.seed) for m in members), records[0].params,
-                 len(data.train_y), len(data.test_y), device)
-        alive = list(members)
-        fit_stack(alive, stack, data, optimizer=optimizer, scheduler=scheduler, cfg=cfg,
-                  precision=pick_precision(cfg.precision, device), device=device, started=start)
-        for member in alive:
-            member.record.status = "completed"
+            record.extra["fused_members"] = len(jobs)
+            loops.append(MemberLoop(None, data, recipe, job.run_dir, record,
+                                    build_callbacks(job.cfg, job.run_dir, None, recipe, schedule),
+                                    torch.Generator(device=device).manual_seed(job.cfg.seed),
+                                    fused=fused, rng=rng))
+        fused.loops = list(loops)
+        log.info("fused %d seeds (%s) | %d params each | %d train / %d test images | %s, %s",
+                 len(jobs), ", ".join(str(job.cfg.seed) for job in jobs), records[0].params,
+                 len(data.train_y), len(data.test_y), device, precision.name)
+        for loop in fit(fused, loops, epochs=cfg.epochs, resumes=ckpts):
+            loop.record.status = "completed"
             if cfg.save_weights:
-                member.record.weights_file = link_seed_name(
-                    member.job.run_dir, stack.template, loss_fn, optimizer, scheduler,
-                    member.record.test_acc_at_best_val or member.record.best_test_acc)
+                loop.record.weights_file = link_seed_name(
+                    loop.run_dir, stack.template, loss_fn, optimizer, schedule.scheduler, loop.record.test_acc_at_best_val or loop.record.best_test_acc)
     except Interrupted as err:
         for record in records:
             if record.status == "running":
@@ -522,136 +539,16 @@ def train_stack(jobs: list[Job], ckpts: list[dict | None]) -> list[RunRecord]:
                     f"stopped with its fused group: {err}"
         raise
     finally:
-        elapsed = time.perf_counter() - start
+        now = time.perf_counter()
+        ended = {id(loop.record): loop.ended for loop in loops}
         for job, record in zip(jobs, records):
-            if record.status != "diverged":  # a dropped member's time was counted when it left
-                record.wall_seconds += elapsed
-                try:
-                    record.save(job.run_dir)
-                except WriteError as err:  # its last good record stays on disk
-                    log.error("%s", err)
-    for member in members:
-        if member.record.status == "completed":  # with the completed record safely on disk
-            save_finished(member.job.run_dir, identity=member.record.config_hash,
-                          state=member.state, record=member.record)
+            record.wall_seconds += (ended.get(id(record)) or now) - start  # a diverged one: until it left
+            try:
+                record.save(job.run_dir)
+            except WriteError as err:  # its last good record stays on disk
+                log.error("%s", err)
+    for loop in loops:
+        if loop.record.status == "completed":  # with the completed record safely on disk
+            save_finished(loop.run_dir, identity=loop.record.config_hash, state=loop.state,
+                          record=loop.record)
     return records
-
-
-def _diverged(member: Member, err: Diverged, started: float) -> None:
-    """Record a member as diverged; its checkpoint stays at its last good epoch, as alone."""
-    record = member.record
-    record.status, record.error = "diverged", str(err)
-    record.wall_seconds += time.perf_counter() - started
-    record.save(member.job.run_dir)
-    log.warning("%s diverged: %s; the other members go on", member.job.run_dir, err)
-
-
-def fit_stack(alive: list[Member], stack: Stack, data, *, optimizer, scheduler, cfg: DictConfig,
-              precision: Precision, device: torch.device, started: float) -> None:
-    """loop.fit for a stack: each epoch trains all members, then each member's folder is updated.
-
-    A member that diverges (loop.divergence: the rule of a run alone) is recorded `diverged` and dropped from
-    the stack (its checkpoint stays at its last good epoch, as alone); the others go on.
-    `alive` is updated in place.
-    """
-    has_val = len(data.val_y) > 0
-    best_key = "val_acc" if has_val else "test_acc"
-    for member in alive:
-        member.best = max((r[best_key] for r in member.state.rows), default=-1.0)
-    first = alive[0].state.epoch
-    for epoch in range(first + 1, cfg.epochs + 1):
-        lr = optimizer.param_groups[0]["lr"]
-        step_losses = [] if cfg.log_steps else None
-        began = time.perf_counter()
-        try:
-            train = train_stack_epoch(stack, optimizer, data.train_x, data.train_y,
-                                      batch_size=cfg.batch_size,
-                                      generators=[m.generator for m in alive],
-                                      rngs=[m.rng for m in alive], grad_clip=cfg.grad_clip,
-                                      precision=precision, step_losses=step_losses)
-        except Diverged as err:  # the stack's step overflowed: every member blew up
-            for member in alive:
-                _diverged(member, err, started)
-            alive.clear()
-            return
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - began
-
-        finite = stack.finite_members()
-        reasons = []
-        for m, member in enumerate(alive):  # loop.fit's rule, member by member
-            if member.state.start_loss is None:
-                member.state.start_loss = train["first_loss"][m]
-            reasons.append(divergence(train["loss"][m], member.state.start_loss, finite[m], epoch))
-        keep = [m for m, reason in enumerate(reasons) if reason is None]
-        for m in set(range(len(alive))) - set(keep):
-            _diverged(alive[m], Diverged(reasons[m]), started)
-        if not keep:
-            alive.clear()
-            return
-
-        test = stack.evaluate(data.test_x, data.test_y, precision=precision)
-        val = stack.evaluate(data.val_x, data.val_y, precision=precision) if has_val \
-            else [{"loss": None, "acc": None}] * len(alive)
-        if scheduler is not None:
-            scheduler.step()  # never the plateau scheduler: fusable refuses it
-        if len(keep) < len(alive):  # drop the diverged: their checkpoints stay at the last good epoch
-            optimizer, scheduler = _keep_members(stack, optimizer, scheduler, keep, cfg)
-            alive[:] = [alive[m] for m in keep]
-            train = {k: [v[m] for m in keep] if isinstance(v, list) else v for k, v in train.items()}
-            test, val = [test[m] for m in keep], [val[m] for m in keep]
-            if step_losses is not None:
-                step_losses = [s[keep] for s in step_losses]
-
-        steps = torch.stack(step_losses).T.tolist() if step_losses is not None else None
-        with signals_deferred():
-            for m, member in enumerate(alive):
-                row = dict(epoch=epoch, train_loss=train["loss"][m], train_acc=train["acc"][m],
-                           test_loss=test[m]["loss"], test_acc=test[m]["acc"],
-                           val_loss=val[m]["loss"], val_acc=val[m]["acc"], lr=lr, seconds=seconds)
-                _end_epoch(member, stack, m, row, train["images"], best_key,
-                           steps[m] if steps else None,
-                           optimizer, scheduler, cfg, device)
-        log.info("epoch %d/%d of %d fused seeds | test acc %s | lr %.3g | %.1fs", epoch, cfg.epochs,
-                 len(alive), " ".join(f"{t['acc']:.4f}" for t in test), lr, seconds)
-    for member in alive:  # also when resumed after the last epoch: the record is whole
-        summarize(member.state, member.record)
-
-
-def _end_epoch(member: Member, stack: Stack, m: int, row: dict, images: int, best_key: str,
-               steps: list[float] | None, optimizer, scheduler, cfg, device) -> None:
-    """What loop.fit writes at an epoch's end, for one member: weights, metrics, record, checkpoint."""
-    run_dir, state = member.job.run_dir, member.state
-    state.rows.append(row)
-    state.epoch = row["epoch"]
-    state.train_seconds += row["seconds"]  # the group's time: the members trained together
-    state.train_images += images
-    if row[best_key] > member.best:
-        member.best = row[best_key]
-        if cfg.save_weights:
-            atomic_torch_save({k: v.cpu() for k, v in stack.state_dict(m).items()},
-                              run_dir / BEST_WEIGHTS)
-    write_metrics(state.rows, run_dir)
-    if steps is not None:
-        append_steps(run_dir / STEPS_FILE, row["epoch"], steps)
-    summarize(state, member.record)
-    member.record.save(run_dir)
-    save_member_checkpoint(member, stack, m, optimizer, scheduler, device)
-
-
-def _keep_members(stack: Stack, optimizer, scheduler, keep: list[int], cfg: DictConfig):
-    """Drop members from the stack; a new optimizer and scheduler continue the survivors' state."""
-    from ablate.train import build
-
-    old_params = list(stack.params.values())
-    opt_state = select_optimizer_state(optimizer.state_dict(), old_params, keep)
-    sched_state = scheduler.state_dict() if scheduler is not None else None
-    stack.keep(keep)
-    params = list(stack.params.values())
-    optimizer = build(cfg, "optim", params)
-    scheduler = build(cfg, "sched", optimizer)
-    optimizer.load_state_dict(opt_state)  # after the scheduler's first step, as a resume does
-    if scheduler is not None:
-        scheduler.load_state_dict(sched_state)
-    return optimizer, scheduler

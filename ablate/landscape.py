@@ -68,7 +68,7 @@ class LandscapeProbe(Callback):
         writer.writerows(kept)
         write_atomic(self.path, buf.getvalue())
 
-    def before_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    def before_step(self, loop: Loop, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         if self.step % self.every == 0:
             rows = self.probe(inputs, targets)
             try:

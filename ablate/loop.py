@@ -8,11 +8,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
-
 import numpy as np
 import torch
 from torch import nn
@@ -110,12 +111,12 @@ class Progress:
 def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn: nn.Module,
                     optimizer: torch.optim.Optimizer, batch_size: int, generator: torch.Generator,
                     l1_lambda: float = 0.0, grad_clip: float | None = None,
-                    precision: Precision = Precision(), callbacks: Iterable[Callback] = (),
+                    precision: Precision = Precision(), loop: Loop | None = None,
                     desc: str = "train") -> dict[str, float]:
     """One pass over (x, y) with augmentation; returns mean data loss and accuracy, and the
-    loss of the first step (the reference that divergence is judged against)."""
+    loss of the first step (the reference that divergence is judged against). `loop`'s
+    callbacks see every step (before_step, after_step)."""
     model.train()
-    callbacks = list(callbacks)
     device = x.device
     total_loss = torch.zeros((), device=device)  # accumulated on the device: one sync per epoch
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -130,8 +131,8 @@ def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_
     progress = Progress(desc, min(len(y), total_steps * batch_size)) if steps.disable else None
     for inputs, targets in steps:
         inputs = precision.prepare(inputs)
-        for cb in callbacks:
-            cb.before_step(inputs, targets)
+        if loop is not None:
+            loop.call("before_step", inputs, targets)
         with precision.autocast(device):
             logits = model(inputs)
         loss = loss_fn(logits.float(), targets)
@@ -155,8 +156,8 @@ def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_
         total_loss += loss.detach() * len(targets)
         correct += (logits.argmax(1) == targets).sum()
         seen += len(targets)
-        for cb in callbacks:
-            cb.after_step(loss.detach())
+        if loop is not None:
+            loop.call("after_step", loss.detach())
         if progress is not None:
             progress.step(seen, total_loss)
     total, first = torch.stack([total_loss, first_loss]).tolist()  # the epoch's one sync
@@ -245,25 +246,28 @@ def summarize(state: FitState, record: RunRecord) -> None:
 class Callback:
     """A door into `fit`: override the hooks you need (all are no-ops here).
 
-    Hooks run in the order of fit's `callbacks` mapping. `state_dict` goes into the run's
-    checkpoint under the callback's key, and `load_state_dict` gets it back on resume (before
-    `on_fit_start`), so a callback's own counters continue where the run stopped.
+    Every hook gets the `Loop` of its run: a run alone, or one member of a fused group, which
+    its callbacks see as a run of its own. Hooks run in the order of the run's `callbacks`
+    mapping. `state_dict` goes into the run's checkpoint under the callback's key, and
+    `load_state_dict` gets it back on resume (before `on_fit_start`), so a callback's own
+    counters continue where the run stopped.
     """
 
     def on_fit_start(self, loop: Loop) -> None:
         """Once, after a resumed run's state is restored."""
 
-    def before_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
-        """Before each training step's forward pass, on that step's batch."""
+    def before_step(self, loop: Loop, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """Before each training step's forward pass, on this run's batch of that step."""
 
-    def after_step(self, loss: torch.Tensor) -> None:
-        """After each optimizer step, with the step's data loss (on the device: no sync)."""
+    def after_step(self, loop: Loop, loss: torch.Tensor) -> None:
+        """After each optimizer step, with this run's data loss (on the device: no sync)."""
 
     def on_epoch_end(self, loop: Loop, row: dict) -> None:
         """After each epoch, with its metrics.csv row (already in loop.state.rows)."""
 
     def on_fit_end(self, loop: Loop) -> None:
-        """Once, after the last epoch (also when a resumed run had no epoch left)."""
+        """Once, after the last epoch (also when a resumed run had no epoch left); never for a
+        run that diverged."""
 
     def state_dict(self) -> dict | None:
         return None
@@ -294,18 +298,21 @@ def plain_numbers(state):
     return state.item() if isinstance(state, np.generic) else state
 
 
-@dataclass
+@dataclass(eq=False)
 class Loop:
-    """What a callback sees of the running `fit`."""
+    """One run inside `fit`, as its callbacks see it: its folder, record, epochs so far, data
+    order, and its weights and gradients (`weights()`, `gradients()`: the same calls for a run
+    alone and for a member of a fused group, ablate.fused.MemberLoop)."""
 
-    model: nn.Module
+    model: nn.Module | None
     data: ImageData
     recipe: Recipe
     run_dir: Path
     record: RunRecord
     callbacks: dict[str, Callback]
-    generator: torch.Generator
+    generator: torch.Generator  # data order and augmentation
     state: FitState = field(default_factory=FitState)
+    ended: float | None = None  # perf_counter() when the run diverged and left the loop
 
     @property
     def has_val(self) -> bool:
@@ -315,93 +322,202 @@ class Loop:
         for cb in self.callbacks.values():
             getattr(cb, hook)(self, *args)
 
+    def weights(self) -> dict[str, torch.Tensor]:
+        """This run's model's state_dict."""
+        return self.model.state_dict()
+
+    def gradients(self) -> list[torch.Tensor]:
+        """The gradients of this run's trainable parameters from the last step (None skipped)."""
+        return [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+
+    def optimizer_state(self) -> dict:
+        return self.recipe.optimizer.state_dict()
+
+    def rng_states(self) -> dict:
+        """The random streams dropout draws from (the global ones, for a run alone)."""
+        device = self.data.train_x.device
+        return {"rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue bit for bit (ablate.checkpoint's keys)."""
-        device = self.data.train_x.device
         scaler = self.recipe.precision.scaler
-        return {"state": asdict(self.state), "model": self.model.state_dict(),
-                "optimizer": self.recipe.optimizer.state_dict(),
-                "generator": self.generator.get_state(), "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        return {"state": asdict(self.state), "model": self.weights(),
+                "optimizer": self.optimizer_state(), "generator": self.generator.get_state(),
+                **self.rng_states(),
                 "scaler": scaler.state_dict() if scaler is not None else None,  # fp16 loss scale
                 **{key: plain_numbers(cb.state_dict()) for key, cb in self.callbacks.items()}}
 
-    def load_state_dict(self, ckpt: dict) -> None:
-        self.state = from_fields(FitState, ckpt["state"])  # one from a newer version loads too
+    def load_training(self, ckpt: dict) -> None:
+        """The model, optimizer and fp16 loss scale of the checkpoint."""
         self.model.load_state_dict(ckpt["model"])
         self.recipe.optimizer.load_state_dict(ckpt["optimizer"])
-        self.generator.set_state(ckpt["generator"])
         if self.recipe.precision.scaler is not None and ckpt.get("scaler") is not None:
             self.recipe.precision.scaler.load_state_dict(ckpt["scaler"])  # fp16's loss scale, as it was
+
+    def load_rng_states(self, ckpt: dict) -> None:
         torch.set_rng_state(ckpt["rng_cpu"])
         device = self.data.train_x.device
         if device.type == "cuda" and ckpt.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        self.state = from_fields(FitState, ckpt["state"])  # one from a newer version loads too
+        self.load_training(ckpt)
+        self.generator.set_state(ckpt["generator"])
+        self.load_rng_states(ckpt)
         for key, cb in self.callbacks.items():  # after the optimizer: SWALR is rebuilt on it
             if ckpt.get(key) is not None:
                 cb.load_state_dict(ckpt[key])
 
 
-def fit(model: nn.Module, data: ImageData, recipe: Recipe, *, epochs: int, seed: int,
-        run_dir: Path, record: RunRecord, callbacks: dict[str, Callback],
-        resume: dict | None = None) -> FitState:
-    """Train for `epochs` (continuing from the checkpoint `resume`); callbacks do the rest.
+class Alone:
+    """What `fit` trains for a run alone: one model. (ablate.fused.Fused trains N members.)"""
 
-    Raises Diverged when the training blows up (check_divergence).
+    def __init__(self, model: nn.Module, recipe: Recipe):
+        self.model, self.recipe = model, recipe
+
+    def train_epoch(self, loops: list[Loop], desc: str) -> list[dict]:
+        (loop,) = loops
+        r = self.recipe
+        return [train_one_epoch(self.model, loop.data.train_x, loop.data.train_y, loss_fn=r.loss_fn,
+                                optimizer=r.optimizer, batch_size=r.batch_size,
+                                generator=loop.generator, l1_lambda=r.l1_lambda,
+                                grad_clip=r.grad_clip, precision=r.precision, loop=loop, desc=desc)]
+
+    def finite(self) -> list[bool]:
+        return [all_finite(self.model)]
+
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> list[dict]:
+        return [evaluate(self.model, x, y, loss_fn=self.recipe.loss_fn, precision=self.recipe.precision)]
+
+    def drop(self, keep: list[int]) -> None:
+        """Nothing is left to train once the one run diverged."""
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGTERM/SIGINT while a fused group's epoch goes to disk: all members stay at one epoch.
+
+    Held in Python rather than with pthread_sigmask, which covers one thread only: the kernel
+    may hand the signal to one of torch's worker threads, and Python still runs its handler.
+    Only the main thread can set handlers; elsewhere the signal arrives as it would.
     """
-    generator = torch.Generator(device=data.train_x.device).manual_seed(seed)
-    loop = Loop(model, data, recipe, Path(run_dir), record, callbacks, generator)
-    if resume is not None:
-        loop.load_state_dict(resume)
-        log.info("resuming after epoch %d", loop.state.epoch)
-    loop.call("on_fit_start")
-    for epoch in range(loop.state.epoch + 1, epochs + 1):
-        row = run_epoch(loop, epoch, epochs)
-        loop.state.rows.append(row)
-        loop.state.epoch = epoch
-        loop.call("on_epoch_end", row)
-    loop.call("on_fit_end")
-    return loop.state
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
+                for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:  # deliver it now, to whoever handled it before
+            os.kill(os.getpid(), caught[0])
 
 
-def run_epoch(loop: Loop, epoch: int, epochs: int) -> dict:
-    """Train one epoch, check it, evaluate: the epoch's metrics.csv row."""
-    model, data, recipe, state = loop.model, loop.data, loop.recipe, loop.state
+def fit(trainer, loops: list[Loop], *, epochs: int,
+        resumes: list[dict | None] | None = None) -> list[Loop]:
+    """Train `loops` (one run, or the members of a fused group, all at the same epoch) for
+    `epochs`, each continuing from its checkpoint in `resumes`; callbacks do the rest. A run
+    that diverges gets record.status "diverged" and leaves; the others go on. Returns the runs
+    that trained to the end."""
+    for loop, ckpt in zip(loops, resumes or [None] * len(loops)):
+        if ckpt is not None:
+            loop.load_state_dict(ckpt)
+            log.info("%s: resuming after epoch %d", loop.run_dir, loop.state.epoch)
+    for loop in loops:
+        loop.call("on_fit_start")
+    alive = list(loops)
+    for epoch in range(alive[0].state.epoch + 1, epochs + 1):
+        rows = run_epoch(trainer, alive, epoch, epochs)
+        if not alive:
+            return []
+        # a group's members all stop at one epoch (a run alone stops where the signal finds it)
+        with signals_deferred() if len(alive) > 1 else contextlib.nullcontext():
+            for loop, row in zip(alive, rows):
+                loop.state.rows.append(row)
+                loop.state.epoch = epoch
+                loop.call("on_epoch_end", row)
+    for loop in alive:
+        loop.call("on_fit_end")
+    return alive
+
+
+def leave(loop: Loop, reason: str) -> None:
+    """Record a run as diverged: its checkpoint and files stay at its last good epoch."""
+    loop.record.status, loop.record.error = "diverged", reason
+    loop.ended = time.perf_counter()
+    loop.record.save(loop.run_dir)
+    log.warning("%s diverged: %s", loop.run_dir, reason)
+
+
+def run_epoch(trainer, loops: list[Loop], epoch: int, epochs: int) -> list[dict]:
+    """Train one epoch, check each run, evaluate: each surviving run's metrics.csv row. Runs that
+    diverged are recorded and removed from `loops` (and from the trainer)."""
+    recipe = loops[0].recipe
+    data = loops[0].data
     device = data.train_x.device
     lr = recipe.optimizer.param_groups[0]["lr"]
     start = time.perf_counter()
-    train = train_one_epoch(model, data.train_x, data.train_y, loss_fn=recipe.loss_fn,
-                            optimizer=recipe.optimizer, batch_size=recipe.batch_size,
-                            generator=loop.generator, l1_lambda=recipe.l1_lambda,
-                            grad_clip=recipe.grad_clip, precision=recipe.precision,
-                            callbacks=loop.callbacks.values(), desc=f"epoch {epoch}/{epochs}")
+    try:
+        trains = trainer.train_epoch(loops, f"epoch {epoch}/{epochs}")
+    except Diverged as err:  # the step overflowed: the same settings blow up every member
+        for loop in loops:
+            leave(loop, str(err))
+        loops.clear()
+        return []
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    if state.start_loss is None:
-        state.start_loss = train["first_loss"]
-    check_divergence(model, train["loss"], state.start_loss, epoch)
-    state.train_seconds += seconds
-    state.train_images += train["images"]
-    test = evaluate(model, data.test_x, data.test_y, loss_fn=recipe.loss_fn, precision=recipe.precision)
-    val = evaluate(model, data.val_x, data.val_y, loss_fn=recipe.loss_fn, precision=recipe.precision) \
-        if loop.has_val else {"loss": None, "acc": None}
-    log.info("epoch %d/%d  train loss %.4f acc %.4f | test loss %.4f acc %.4f%s | lr %.3g | %.1fs",
-             epoch, epochs, train["loss"], train["acc"], test["loss"], test["acc"],
-             f" | val acc {val['acc']:.4f}" if loop.has_val else "", lr, seconds)
-    return dict(epoch=epoch, train_loss=train["loss"], train_acc=train["acc"],
-                test_loss=test["loss"], test_acc=test["acc"], val_loss=val["loss"],
-                val_acc=val["acc"], lr=lr, seconds=seconds)
+    keep = []
+    for m, (loop, train, finite) in enumerate(zip(loops, trains, trainer.finite())):
+        state = loop.state
+        if state.start_loss is None:
+            state.start_loss = train["first_loss"]
+        reason = divergence(train["loss"], state.start_loss, finite, epoch)
+        if reason is None:
+            keep.append(m)
+        else:
+            leave(loop, reason)
+    if not keep:
+        loops.clear()
+        return []
+    if len(keep) < len(loops):
+        trainer.drop(keep)
+        loops[:] = [loops[m] for m in keep]
+        trains = [trains[m] for m in keep]
+    tests = trainer.evaluate(data.test_x, data.test_y)
+    has_val = loops[0].has_val
+    vals = trainer.evaluate(data.val_x, data.val_y) if has_val else [{"loss": None, "acc": None}] * len(loops)
+    rows = []
+    for loop, train, test, val in zip(loops, trains, tests, vals):
+        loop.state.train_seconds += seconds  # a fused group's time: its members trained together
+        loop.state.train_images += train["images"]
+        log.info("%sepoch %d/%d  train loss %.4f acc %.4f | test loss %.4f acc %.4f%s | lr %.3g | %.1fs",
+                 f"seed {loop.record.seed}: " if len(loops) > 1 else "", epoch, epochs, train["loss"],
+                 train["acc"], test["loss"], test["acc"],
+                 f" | val acc {val['acc']:.4f}" if has_val else "", lr, seconds)
+        rows.append(dict(epoch=epoch, train_loss=train["loss"], train_acc=train["acc"],
+                         test_loss=test["loss"], test_acc=test["acc"], val_loss=val["loss"],
+                         val_acc=val["acc"], lr=lr, seconds=seconds))
+    return rows
 
 
 class Schedule(Callback):
-    """Steps the run's scheduler after each epoch; ReduceLROnPlateau gets the loss it monitors."""
+    """Steps the run's scheduler after each epoch; ReduceLROnPlateau gets the loss it monitors.
+    The members of a fused group share one: it steps once an epoch, at the first member's end."""
 
     def __init__(self, scheduler):
         self.scheduler = scheduler
+        self.stepped = None  # the epoch it last stepped after
 
     def on_epoch_end(self, loop: Loop, row: dict) -> None:
-        step_scheduler(self.scheduler, row["val_loss"] if loop.has_val else row["test_loss"])
+        if self.stepped != row["epoch"]:
+            self.stepped = row["epoch"]
+            step_scheduler(self.scheduler, row["val_loss"] if loop.has_val else row["test_loss"])
 
     def state_dict(self) -> dict | None:
         return self.scheduler.state_dict() if self.scheduler is not None else None

@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ablate.checkpoint import atomic_torch_save
 from ablate.loop import Callback, Loop
@@ -32,11 +31,12 @@ class BestWeights(Callback):
     def on_epoch_end(self, loop: Loop, row: dict) -> None:
         if row[self.key] > self.best:
             self.best = row[self.key]
-            save_weights(loop.model, self.path)
+            save_weights(loop.weights(), self.path)
 
 
-def save_weights(model: nn.Module, path: Path) -> None:
-    atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+def save_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
+    """A state_dict, on the CPU, as the model's own file."""
+    atomic_torch_save({k: v.detach().cpu() for k, v in weights.items()}, path)
 
 
 class StepLosses(Callback):
@@ -45,7 +45,7 @@ class StepLosses(Callback):
     def __init__(self):
         self.losses: list[torch.Tensor] = []
 
-    def after_step(self, loss: torch.Tensor) -> None:
+    def after_step(self, loop: Loop, loss: torch.Tensor) -> None:
         self.losses.append(loss)
 
     def on_epoch_end(self, loop: Loop, row: dict) -> None:

@@ -47,7 +47,7 @@ class SWA(Callback):
             return
         loop.record.extra.update(self.finish(loop))
         if self.save_weights:
-            save_weights(self.averaged.module, loop.run_dir / SWA_WEIGHTS)
+            save_weights(self.averaged.module.state_dict(), loop.run_dir / SWA_WEIGHTS)
 
     def update(self, model: nn.Module) -> None:
         """Add this epoch's weights to the average; step SWALR instead of the run's scheduler."""

@@ -23,7 +23,7 @@ from ablate.callbacks import JobOutcome
 from ablate.checkpoint import link_seed_name, load_checkpoint, peek_checkpoint, save_finished
 from ablate.data import DataError, ImageData
 from ablate.folder import FolderRefused, accept, locked, logging_to, write_hydra
-from ablate.loop import (Callback, Diverged, FitState, Metrics, Recipe, Schedule, fit,
+from ablate.loop import (Alone, Callback, FitState, Loop, Metrics, Recipe, Schedule, fit,
                          pick_precision, resolve_precision)
 from ablate.record import (CHECKPOINT_FILE, METRICS_FILE, RESULT_FILE, RunRecord, WriteError,
                            from_fields, identity, write_metrics)
@@ -168,9 +168,6 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict, overrides: list[str],
     try:
         parts = build_run(cfg, run_dir, device, record)
         state = train(cfg, parts, record, run_dir)
-    except Diverged as err:
-        record.status, record.error = "diverged", str(err)
-        log.warning("%s diverged: %s", run_dir, err)
     except Interrupted as err:
         record.status, record.error = "interrupted", f"stopped by {err}; {resume_advice(run_dir)}"
         raise
@@ -242,13 +239,15 @@ def build_run(cfg: DictConfig, run_dir: Path, device: torch.device, record: RunR
              precision.name, ", channels_last" if precision.channels_last else "")
     recipe = Recipe(loss_fn, optimizer, cfg.batch_size, cfg.l1_lambda, cfg.grad_clip, precision)
     return Parts(model, data, recipe, scheduler,
-                 build_callbacks(cfg, run_dir, model, recipe, scheduler))
+                 build_callbacks(cfg, run_dir, model, recipe, Schedule(scheduler)))
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path, model, recipe: Recipe,
-                    scheduler) -> dict[str, Callback]:
-    """The loop's callbacks in the order they run; their keys name their state in the checkpoint."""
-    callbacks: dict[str, Callback] = {"scheduler": Schedule(scheduler)}
+                    schedule: Schedule) -> dict[str, Callback]:
+    """A run's callbacks in the order they run; their keys name their state in the checkpoint.
+    The members of a fused group share `schedule` (and have no `model`: SWA and the probe,
+    which need one, never fuse)."""
+    callbacks: dict[str, Callback] = {"scheduler": schedule}
     if cfg.get("swa") and cfg.swa.start_epoch is not None:
         # SWALR takes over from the run's scheduler; built after channels_last so its copy matches.
         callbacks = {"swa": build(cfg, "swa", model, recipe.optimizer, schedule=callbacks["scheduler"],
@@ -269,16 +268,20 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, model, recipe: Recipe,
     return callbacks
 
 
-def train(cfg: DictConfig, parts: Parts, record: RunRecord, run_dir: Path) -> FitState:
-    """Run the loop (resuming from run_dir's checkpoint); the record says completed at the end."""
-    state = fit(parts.model, parts.data, parts.recipe, epochs=cfg.epochs, seed=cfg.seed,
-                run_dir=run_dir, record=record, callbacks=parts.callbacks, resume=load_checkpoint(run_dir))
+def train(cfg: DictConfig, parts: Parts, record: RunRecord, run_dir: Path) -> FitState | None:
+    """Run the loop (resuming from run_dir's checkpoint); the record says completed at the end,
+    or diverged (then None is returned)."""
+    loop = Loop(parts.model, parts.data, parts.recipe, run_dir, record, parts.callbacks,
+                torch.Generator(device=parts.data.train_x.device).manual_seed(cfg.seed))
+    if not fit(Alone(parts.model, parts.recipe), [loop], epochs=cfg.epochs,
+               resumes=[load_checkpoint(run_dir)]):
+        return None  # diverged: the record says why
     record.status = "completed"
     if cfg.save_weights:
         record.weights_file = link_seed_name(run_dir, parts.model, parts.recipe.loss_fn,
                                              parts.recipe.optimizer, parts.scheduler,
                                              record.test_acc_at_best_val or record.best_test_acc)
-    return state
+    return loop.state
 
 
 def _record_failure(run_dir: Path, choices: dict, overrides: list[str], err: BaseException) -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from ablate import fused
+from ablate import fused, savers
 from ablate.fused import Job, Stack, fusable, optimizer_acts_per_member, run_group
 from ablate.loop import step_scheduler
 from ablate.record import RunRecord, WriteError
@@ -321,17 +321,59 @@ def test_a_seed_typed_twice_trains_once_and_the_repeat_is_skipped(tmp_path):
 
 
 def test_a_full_disk_in_one_member_fails_the_group_in_one_line_naming_whose_file(tmp_path, monkeypatch, caplog):
-    real = fused.atomic_torch_save
+    real = savers.atomic_torch_save
 
     def full_for_seed_0(obj, path):
         if path.parent.name == "fused0" and path.name == "checkpoint.pt":
             raise WriteError(errno.ENOSPC, f"cannot write {path}: No space left on device")
         return real(obj, path)
 
-    monkeypatch.setattr(fused, "atomic_torch_save", full_for_seed_0)
+    monkeypatch.setattr(savers, "atomic_torch_save", full_for_seed_0)
     jobs = fused_jobs(tmp_path, CASES["ce-adam-cosine"])
     assert run_group(jobs) == ["failed", "failed"]  # no traceback escapes
     full = f"cannot write {jobs[0].run_dir / 'checkpoint.pt'}: No space left on device"
     assert RunRecord.load(jobs[0].run_dir).error == full
     assert RunRecord.load(jobs[1].run_dir).error == f"stopped with its fused group: {full}"
     assert "Traceback" not in caplog.text and full in caplog.text
+
+
+# ----------------------------------------------------------------------------- one loop
+
+def test_callbacks_loggers_and_step_losses_fuse_and_each_member_sees_its_own_run(tmp_path):
+    extra = [*CASES["ce-adam-cosine"], "+callbacks=grad_norm", "logger=tensorboard", "log_steps=true"]
+    assert fusable(compose_cfg([*SMALL, *extra])) is None
+    alone = single_runs(tmp_path, extra)
+    jobs = fused_jobs(tmp_path, extra)
+    assert run_group(jobs) == ["completed"] * len(SEEDS)
+    for seed, job in zip(SEEDS, jobs):
+        assert RunRecord.load(job.run_dir).extra["fused_members"] == 2
+        rows = metrics(job.run_dir)
+        assert_close(rows, alone[seed])
+        # each member's own gradients, as its run alone measured them
+        alone_norm = alone[seed]["grad_norm"]
+        assert ((rows["grad_norm"] - alone_norm).abs() / alone_norm).max() < 0.02
+        steps = pd.read_csv(job.run_dir / "steps.csv")
+        alone_steps = pd.read_csv(tmp_path / f"alone{seed}" / "steps.csv")
+        assert list(steps["epoch"]) == list(alone_steps["epoch"])
+        assert (steps["loss"] - alone_steps["loss"]).abs().max() <= LOSS_TOL
+        assert list((job.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    # the seeds are told apart: member 0's norms are not member 1's
+    assert not metrics(jobs[0].run_dir)["grad_norm"].equals(metrics(jobs[1].run_dir)["grad_norm"])
+
+
+def test_a_fused_sweep_with_a_callback_and_tensorboard_trains_fused(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    sweep = tmp_path / "sweep"
+    proc = run_script("ablate/train.py", "-m", "hydra/launcher=fused", "seed=0,1,2",
+                      "+callbacks=grad_norm", "logger=tensorboard", *LAUNCH, "epochs=2",
+                      f"hydra.sweep.dir={sweep}")
+    assert "fused 3 seeds (0, 1, 2)" in proc.stdout + proc.stderr
+    recs = records(sweep)
+    for k in range(3):
+        assert recs[k]["status"] == "completed" and recs[k]["extra"]["fused_members"] == 3
+        run_dir = folder(sweep, k)
+        assert metrics(run_dir)["grad_norm"].notna().all()
+        events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+        assert [e.step for e in events.Scalars("grad_norm")] == [1, 2]
+        assert [e.step for e in events.Scalars("test/acc")] == [1, 2]
