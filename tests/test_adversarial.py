@@ -204,6 +204,7 @@ def test_the_checks_before_training_take_bounded_time_whatever_the_epoch_count(t
     assert time.perf_counter() - start < 60
 
 
+@pytest.mark.slow
 def test_values_that_sanitize_to_one_name_get_folders_of_their_own(tmp_path):
     proc = run_script("ablate/train.py", "-m", *QUICK, "epochs=1", "+tag=a/b,a_b,'é','ü'",
                       f"hydra.sweep.dir={tmp_path}", check=False)
@@ -225,6 +226,7 @@ class SigtermAtStart(Callback):
 '''
 
 
+@pytest.mark.slow
 def test_sigterm_before_the_first_epoch_does_not_claim_an_epoch_is_saved(tmp_path):
     (tmp_path / "signaller.py").write_text(SIGNALLER)
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}", "HYDRA_FULL_ERROR": "0"}
@@ -273,6 +275,7 @@ def test_a_second_ctrl_c_while_the_run_saves_its_record_leaves_it_interrupted(tm
     assert record.error == "stopped by SIGINT; epoch 1 is saved: re-run the same command to resume"
 
 
+@pytest.mark.slow
 def test_an_offline_sweep_tries_the_download_once_and_says_why_once_per_kind(tmp_path):
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("")  # the download cannot even make its folder: it fails as offline does

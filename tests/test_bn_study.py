@@ -198,6 +198,7 @@ def sweep(tmp_path: Path, args: list[str]) -> Path:
     return tmp_path / "sweep"
 
 
+@pytest.mark.slow
 def test_cheap_study_writes_band_accuracy_plots_and_table(tmp_path):
     root = sweep(tmp_path, ["+experiment=bn_landscape", "model=vgg_a,vgg_a_bn", "optim.lr=1e-3,1e-4"])
     bn_study.main(["--root", str(root), "--out", str(tmp_path / "report")])
@@ -212,6 +213,7 @@ def test_cheap_study_writes_band_accuracy_plots_and_table(tmp_path):
     assert "no BN / BN" in (tmp_path / "report" / "bn_study.md").read_text()
 
 
+@pytest.mark.slow
 def test_santurkar_study_writes_the_three_landscape_panels(tmp_path):
     root = sweep(tmp_path, ["+experiment=bn_santurkar", "model=vgg_a,vgg_a_bn", "probe.every=2"])
     bn_study.main(["--root", str(root), "--out", str(tmp_path / "report")])

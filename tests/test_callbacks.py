@@ -36,6 +36,7 @@ def test_tensorboard_logs_one_point_per_epoch_and_the_hparams(tmp_path):
     assert b"optim.lr" in b"".join(hparams.values()) and b"adam" in b"".join(hparams.values())
 
 
+@pytest.mark.slow
 def test_tensorboard_without_the_package_fails_before_training_in_one_line(tmp_path):
     fake = tmp_path / "site"
     (fake / "tensorboard").mkdir(parents=True)

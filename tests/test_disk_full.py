@@ -87,6 +87,7 @@ def test_disk_full_mid_run_keeps_the_record_and_checkpoint_then_resumes(tmp_path
     assert RunRecord.load(run_dir).status == "completed"
 
 
+@pytest.mark.slow
 def test_an_unwritable_file_ends_the_run_with_one_line(tmp_path):
     (tmp_path / "checkpoint.pt").mkdir()  # where the checkpoint goes; root ignores chmod
     proc = run_script("ablate/train.py", *TINY, "epochs=1", f"hydra.run.dir={tmp_path}",

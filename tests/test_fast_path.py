@@ -104,6 +104,7 @@ def small_cnn() -> nn.Module:
     return CNN(partial(nn.LeakyReLU, negative_slope=0.1), filters=(8, 16, 32))
 
 
+@pytest.mark.slow
 def test_fast_and_plain_pipelines_learn_alike():
     data = make_synthetic(train_size=1024, test_size=500, seed=3)
     cpu, epochs, loss_fn = torch.device("cpu"), 3, nn.CrossEntropyLoss()
@@ -192,6 +193,7 @@ def sweep(sweep_dir: Path, *extra: str) -> None:
             GlobalHydra.instance().clear()
 
 
+@pytest.mark.slow
 def test_joblib_sweep_equals_sequential_sweep(tmp_path, monkeypatch):
     # The joblib workers are separate processes that must import this checkout's ablate.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))

@@ -45,6 +45,7 @@ def test_a_job_folder_is_named_by_its_overrides_without_operational_ones():
     assert identity({"seed": 0, "threads": 4, "device": "cpu"}) == identity({"seed": 0})
 
 
+@pytest.mark.slow
 def test_extending_a_sweep_trains_only_the_new_job_and_maps_old_ones_by_name(tmp_path):
     sweep = tmp_path / "losses"
     run_script("ablate/train.py", "-m", "loss=ce,focal", *TINY1, f"hydra.sweep.dir={sweep}")
@@ -64,6 +65,7 @@ def test_extending_a_sweep_trains_only_the_new_job_and_maps_old_ones_by_name(tmp
     assert not (sweep / ".jobs").exists()
 
 
+@pytest.mark.slow
 def test_a_refused_run_leaves_the_folder_byte_identical_and_names_the_setting(tmp_path):
     run_dir = tmp_path / "run"
     run_script("ablate/train.py", *TINY1, f"hydra.run.dir={run_dir}")
@@ -84,6 +86,7 @@ def test_a_refused_run_leaves_the_folder_byte_identical_and_names_the_setting(tm
     assert fingerprint(run_dir) == before
 
 
+@pytest.mark.slow
 def test_a_second_process_on_a_folder_in_use_is_refused_at_once(tmp_path):
     run_dir = tmp_path / "busy"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -148,6 +151,7 @@ def test_a_crash_during_swas_finish_is_completed_on_rerun_without_training(tmp_p
     assert (tmp_path / "cut" / "metrics.csv").stat().st_mtime_ns == metrics  # no epoch re-run
 
 
+@pytest.mark.slow
 def test_the_sweep_summary_counts_this_sweeps_jobs_only(tmp_path):
     sweep = tmp_path / "s"
     proc = run_script("ablate/train.py", "-m", *TINY1[:-1], "model.filters=[8,16,32],[4,4,4,4,4,4]",

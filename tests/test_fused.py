@@ -223,6 +223,7 @@ def folder(sweep_dir, seed):
                 if json.loads(p.read_text())["seed"] == seed)
 
 
+@pytest.mark.slow
 def test_fused_sweep_trains_only_the_unfinished_seeds_together(tmp_path):
     sweep = tmp_path / "sweep"
     common = [*LAUNCH, f"hydra.sweep.dir={sweep}"]
@@ -244,6 +245,7 @@ def test_fused_sweep_trains_only_the_unfinished_seeds_together(tmp_path):
         assert "fused 2 seeds" in (run_dir / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_a_group_that_cannot_fuse_runs_one_by_one(tmp_path):
     sweep = tmp_path / "swa"
     proc = run_script("ablate/train.py", "-m", "hydra/launcher=fused", "seed=0,1",
@@ -255,6 +257,7 @@ def test_a_group_that_cannot_fuse_runs_one_by_one(tmp_path):
                for r in recs.values())
 
 
+@pytest.mark.slow
 def test_sigterm_mid_group_then_rerun_equals_an_uninterrupted_fused_run(tmp_path):
     common = ["-m", "hydra/launcher=fused", "seed=0,1", *LAUNCH, "epochs=3"]
     whole = tmp_path / "whole"
@@ -289,6 +292,7 @@ def test_sigterm_mid_group_then_rerun_equals_an_uninterrupted_fused_run(tmp_path
                                       check_exact=True)
 
 
+@pytest.mark.slow
 def test_another_applications_task_function_is_called_not_replaced(tmp_path):
     # An app of someone else's composed from this conf/: the fused launcher must run *its* function.
     app = tmp_path / "app.py"
@@ -311,6 +315,7 @@ def test_another_applications_task_function_is_called_not_replaced(tmp_path):
     assert not list((tmp_path / "sweep").rglob("result.json"))  # ablate's training never ran
 
 
+@pytest.mark.slow
 def test_a_seed_typed_twice_trains_once_and_the_repeat_is_skipped(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_script("ablate/train.py", "-m", "hydra/launcher=fused", "seed=0,0,1", *LAUNCH,
@@ -361,6 +366,7 @@ def test_callbacks_loggers_and_step_losses_fuse_and_each_member_sees_its_own_run
     assert not metrics(jobs[0].run_dir)["grad_norm"].equals(metrics(jobs[1].run_dir)["grad_norm"])
 
 
+@pytest.mark.slow
 def test_a_fused_sweep_with_a_callback_and_tensorboard_trains_fused(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -21,6 +21,7 @@ def sleeper(seconds: float) -> list[str]:
     return [sys.executable, "-c", f"import time; time.sleep({seconds})"]
 
 
+@pytest.mark.slow
 def test_pool_skips_what_cannot_finish_and_stops_what_overruns(tmp_path):
     quick, big, slow = (accuracy.Row(t, t, (), 1, "cnn") for t in ("quick", "big", "slow"))
     units = [accuracy.Unit(quick, (0,)), accuracy.Unit(quick, (1,)), accuracy.Unit(big, (0,)),
@@ -176,6 +177,7 @@ def test_published_tables_keep_at_most_three_curve_pngs(tmp_path):
     assert "![training curves](curves_c.png)" in tables and "d.png in the work folder" in tables
 
 
+@pytest.mark.slow
 def test_dry_run_writes_its_files_and_tables(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     # Two tables, done in about a minute on two idle cores; the budget leaves room for a busy

@@ -28,6 +28,7 @@ def runs(sweep):
     return {p.parent: RunRecord.load(p.parent) for p in sweep.glob("*/result.json")}
 
 
+@pytest.mark.slow
 def test_a_diverging_trial_is_recorded_and_the_study_goes_on(tmp_path):
     sweep = tmp_path / "tune"
     # SGD at lr=1e308 overflows in its first step; 1e-3 trains. The random sampler seeded 0

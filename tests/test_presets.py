@@ -61,6 +61,7 @@ def test_best_weights_also_get_the_seed_style_name(tmp_path):
                        torch.load(tmp_path / "best_model.pth", weights_only=True)["classifier.7.bias"])
 
 
+@pytest.mark.slow
 def test_every_table_is_one_command_with_seeds_ci_and_a_reproduction_report(tmp_path):
     tiny = ["data=synthetic", "data.train_size=200", "data.test_size=100", "epochs=1",
             "model.filters=[8,16,32]", "seed=0,1"]

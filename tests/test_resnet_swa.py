@@ -150,6 +150,7 @@ def test_interrupted_swa_run_resumes_to_the_same_record(tmp_path, monkeypatch):
         assert torch.equal(tensor, torch.load(parts / SWA_WEIGHTS, weights_only=True)[name]), name
 
 
+@pytest.mark.slow
 def test_activation_sweep_over_the_resnet_preset(tmp_path):
     # The README's sweep, shrunk: the command line's activation beats the preset's swish.
     cmd = [sys.executable, str(REPO / "ablate" / "train.py"), "-m", "+experiment=resnet_adamw",

@@ -65,7 +65,8 @@ try:
     REASON = _why_not()
 except ImportError:
     REASON = 'hydra-submitit-launcher is not installed (pip install -e ".[launchers]")'
-pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+pytestmark = [pytest.mark.slow,  # a one-node cluster: about 110 s
+              pytest.mark.skipif(REASON is not None, reason=REASON or "")]
 
 
 def start_sweep(*args: str, log: Path) -> subprocess.Popen:

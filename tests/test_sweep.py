@@ -7,6 +7,7 @@ import sys
 import time
 
 import pandas as pd
+import pytest
 
 from conftest import REPO, TINY, compose_cfg, run_script
 
@@ -15,6 +16,7 @@ def records(sweep_dir):
     return {p.parent.name: json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/result.json"))}
 
 
+@pytest.mark.slow
 def test_loss_sweep_then_tables_gives_a_four_row_table_and_reruns_skip(tmp_path):
     sweep = tmp_path / "losses"
     args = ["-m", "loss=ce,focal,mse,label_smoothing", *TINY, f"hydra.sweep.dir={sweep}"]
@@ -41,6 +43,7 @@ def test_loss_sweep_then_tables_gives_a_four_row_table_and_reruns_skip(tmp_path)
         p.read_text() for p in sweep.glob("*/train.log"))
 
 
+@pytest.mark.slow
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
     sweep = tmp_path / "fail"
     proc = run_script("ablate/train.py", "-m", *TINY, "model.filters=[8,16,32],[4,4,4,4,4,4],[8,16]",
@@ -57,6 +60,7 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
     assert "| failed " in proc.stdout and "at most 5" in proc.stdout
 
 
+@pytest.mark.slow
 def test_sigterm_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path):
     common = [*TINY, "epochs=4", "data.train_size=1200"]
     run_script("ablate/train.py", *common, f"hydra.run.dir={tmp_path / 'whole'}")
@@ -81,6 +85,7 @@ def test_sigterm_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path):
     assert json.loads((cut / "result.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_adding_seeds_trains_only_the_new_ones_also_through_submitit(tmp_path):
     sweep = tmp_path / "seeds"
     tiny = ["data=synthetic", "data.train_size=200", "data.test_size=100", "epochs=1",

@@ -126,6 +126,7 @@ def test_tuning_without_a_validation_split_is_refused_with_the_reason(tmp_path):
     assert proc.returncode == 1 and "data.val_size" in proc.stderr and not (root / "tables").exists()
 
 
+@pytest.mark.slow
 def test_make_tables_tune_writes_tuned_table_and_budget_plot(tmp_path):
     root = tuned_sweep(tmp_path / "s", {("adam", 1e-3): [(0.8, 0.7)] * 2, ("adam", 1e-2): [(0.6, 0.9)] * 2,
                                         ("sgd", 1e-3): [(0.5, 0.5)] * 2, ("sgd", 1e-2): [(0.7, 0.6)] * 2})
