@@ -60,3 +60,17 @@ def image_tree(tmp_path):
     root = tmp_path / "cifar"
     write_image_tree(root, {"train": 4, "test": 2})
     return root
+
+
+def pytest_addoption(parser):
+    parser.addoption("--all", action="store_true",
+                     help="also run the tests marked slow (what CI runs; plain pytest leaves them out)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--all") or config.getoption("-m"):  # an explicit -m chooses for itself
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
