@@ -244,7 +244,7 @@ def train_stack_epoch(stack: Stack, optimizer: torch.optim.Optimizer, x: torch.T
         seen += targets.shape[1]
         for m, loop in enumerate(loops):
             loop.call("after_step", loss[m])
-        progress.step(seen, total_loss.sum() / stack.size)
+        progress.step(seen, total_loss)  # the members' mean, only when a line is due
     return {"loss": (total_loss / seen).tolist(), "first_loss": first_loss.tolist(),
             "acc": (correct / seen).tolist(), "images": seen}
 

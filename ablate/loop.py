@@ -93,7 +93,8 @@ def l1_penalty(model: nn.Module) -> torch.Tensor:
 
 class Progress:
     """An epoch's progress as a log line at most every PROGRESS_SECONDS: images done of the
-    epoch's, images per second so far, and the running mean loss (the one sync it costs)."""
+    epoch's, images per second so far, and the running mean loss (the one sync it costs; a fused
+    group's is its members' mean, computed only when a line is due)."""
 
     def __init__(self, desc: str, images: int):
         self.desc, self.images = desc, images
@@ -105,7 +106,7 @@ class Progress:
             return  # the epoch's own line follows its last step
         self.last = now
         log.info("%s: %d/%d images (%.0f%%) | %.0f images/s | running loss %.4f", self.desc, seen,
-                 self.images, 100 * seen / self.images, seen / (now - self.start), total_loss.item() / seen)
+                 self.images, 100 * seen / self.images, seen / (now - self.start), total_loss.mean().item() / seen)
 
 
 def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn: nn.Module,
