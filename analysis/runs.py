@@ -36,8 +36,8 @@ COUNTS = ("epochs", "epochs_run", "train_images", "val_images", "test_images")
 NUMBERS = ("seed", "scale", *ACCURACIES, *COUNTS)
 MAPPINGS = ("choices", "extra")
 # what a run's row always has, from its folder; then what it takes from result.json as it is
-COLUMNS = ("run_dir", "sweep", "status", "error", "choices", "overrides", "config", "identity",
-           "row_identity", "seed", "acc", "metric", "duplicate_of")
+COLUMNS = ("run_dir", "sweep", "sweep_kind", "status", "error", "choices", "overrides", "typed_overrides",
+           "config", "identity", "row_identity", "seed", "acc", "metric", "duplicate_of")
 FROM_RECORD = ("epochs_run", "final_test_acc", "best_test_acc", "best_val_acc", "train_images",
                "val_images", "data_source", "extra")
 
@@ -286,7 +286,8 @@ def read_hydra(run_dir: Path) -> dict:
         raise Unreadable(f"{HYDRA_RUNTIME}: choices is not a mapping or overrides not strings")
     return {"choices": {sys.intern(k): sys.intern(str(v)) for k, v in choices.items()
                         if not k.startswith("hydra") and v is not None},
-            "overrides": dict(parse_override(o) for o in task)}
+            "overrides": dict(parse_override(o) for o in task), "typed_overrides": list(task),
+            "sweep_kind": "optuna" if choices.get("hydra/sweeper") == "optuna" else None}
 
 
 class _NotPlain(Exception):
@@ -530,13 +531,14 @@ def _place(run_dir: Path, root: Path, sweeps: dict | None = None) -> dict:
         sweeps[run_dir.parent] = (run_dir.parent / SWEEP_FILE).exists()
     multirun = sweeps[run_dir.parent]
     # a sweep is the folder Hydra wrote multirun.yaml into; single runs form one group
-    return {"run_dir": str(run_dir), "sweep": str(run_dir.parent) if multirun else f"single runs in {root}"}
+    return {"run_dir": str(run_dir), "sweep": str(run_dir.parent) if multirun else f"single runs in {root}",
+            "sweep_kind": "grid" if multirun else "single"}
 
 
 def load_run(run_dir: Path, root: Path, csvs: tuple[str, ...] = ("metrics",)) -> tuple[dict, dict]:
     """One run's row and its CSV frames; a damaged file makes the row `unreadable`, never an exception."""
     fields, frames = read_run(run_dir, csvs)
-    return {**_place(run_dir, root), **fields}, {k: None if v is None else _frame(v) for k, v in frames.items()}
+    return {**_place(run_dir, root), **{k: v for k, v in fields.items() if v is not None or k != "sweep_kind"}}, {k: None if v is None else _frame(v) for k, v in frames.items()}
 
 
 def mark_duplicates(runs: pd.DataFrame) -> pd.DataFrame:
@@ -716,7 +718,7 @@ def collect(roots: list[Path], csvs: tuple[str, ...] = ("metrics",)) -> tuple[pd
         cache = Cache(root) if len(run_dirs) >= CACHE_MIN_RUNS else None
         for run_dir in run_dirs:
             fields, frames = cache.read(run_dir, csvs) if cache else read_run(run_dir, csvs)
-            rows.append({**_place(run_dir, root, sweeps), **fields})
+            rows.append({**_place(run_dir, root, sweeps), **{k: v for k, v in fields.items() if v is not None or k != "sweep_kind"}})
             for name, columns in frames.items():
                 if columns is not None:
                     pieces[name].append((str(run_dir), columns))
