@@ -47,6 +47,16 @@ class ImageData:
     classes: tuple[str, ...]
     source: str
 
+    def fingerprint(self) -> str:
+        """sha256 of every split's images and labels and the class names: equal exactly when
+        two runs train and test on the same data, wherever it was read from."""
+        h = hashlib.sha256(repr(self.classes).encode())
+        for name in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
+            tensor = getattr(self, name).detach().cpu().contiguous()
+            h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}\n".encode())
+            h.update(tensor.view(torch.uint8).numpy() if tensor.numel() else b"")
+        return h.hexdigest()
+
     def to(self, device: torch.device | str) -> "ImageData":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for name, value in moved.items():

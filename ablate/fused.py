@@ -21,11 +21,11 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
@@ -33,7 +33,8 @@ from ablate.checkpoint import link_seed_name, load_checkpoint, save_finished
 from ablate.data import batches, num_batches
 from ablate.loop import (Diverged, Loop, Precision, Progress, Recipe, Schedule, fit,
                          pick_precision)
-from ablate.record import RunRecord, WriteError, identity
+from ablate.compose import Job  # noqa: F401  (the jobs run_group trains)
+from ablate.record import RunRecord, WriteError
 
 log = logging.getLogger("ablate")
 
@@ -284,7 +285,7 @@ def optimizer_acts_per_member(make_optimizer) -> bool:
 
 def fusable(cfg: DictConfig) -> str | None:
     """Why jobs of this config cannot train as one stack (None when they can)."""
-    from ablate.train import build, pick_device  # train imports the loop; keep this module light
+    from ablate.compose import build, pick_device
 
     if cfg.get("swa") and cfg.swa.get("start_epoch") is not None:
         return "SWA averages and re-normalises one model"
@@ -316,17 +317,6 @@ def fusable(cfg: DictConfig) -> str | None:
 
 
 # ----------------------------------------------------------------------------- a group of runs
-
-@dataclass
-class Job:
-    """One sweep job: its composed config (without `hydra`) and the run folder Hydra made for it."""
-
-    cfg: DictConfig
-    run_dir: Path
-    choices: dict = field(default_factory=dict)
-    overrides: list = field(default_factory=list)
-    job_num: int | None = None
-
 
 @dataclass(eq=False)
 class MemberLoop(Loop):
@@ -412,7 +402,7 @@ def run_group(jobs: list[Job]) -> list[str]:
     folders must be accepted and held (ablate.folder), as for train.run. Returns each job's
     outcome: skipped, completed, diverged or failed.
     """
-    from ablate.train import Interrupted, _record_failure, finished_record, run
+    from ablate.compose import Interrupted, finished_record, record_failure, run
     from ablate.validation import ConfigError, validate
 
     outcomes = ["failed"] * len(jobs)
@@ -423,7 +413,7 @@ def run_group(jobs: list[Job]) -> list[str]:
             done = finished_record(job.run_dir)
         except ConfigError as err:
             log.error("%s: %s", job.run_dir, err)
-            _record_failure(job.run_dir, job.choices, job.overrides, err)
+            record_failure(job, err)
             continue
         if done is not None:
             log.info("%s is already completed (test acc %.4f); skipping", job.run_dir,
@@ -437,7 +427,7 @@ def run_group(jobs: list[Job]) -> list[str]:
             if len(group) == 1:
                 job = jobs[group[0][0]]
                 log.info("%s: alone at epoch %d; training it unfused", job.run_dir, epoch)
-                records = [run(job.cfg, job.run_dir, job.choices, job.overrides, job_num=job.job_num)]
+                records = [run(job.cfg, job.run_dir, job.choices, job.overrides, job.job_num, job.sweep)]
             else:
                 records = train_stack([jobs[i] for i, _ in group], [ckpt for _, ckpt in group])
         except Interrupted:
@@ -448,7 +438,7 @@ def run_group(jobs: list[Job]) -> list[str]:
         except Exception as err:  # the records say failed; the group's other jobs go on
             log.exception("training %s failed", ", ".join(str(jobs[i].run_dir) for i, _ in group))
             for i, _ in group:
-                _record_failure(jobs[i].run_dir, jobs[i].choices, jobs[i].overrides, err)
+                record_failure(jobs[i], err)
             continue
         for (i, _), record in zip(group, records):
             outcomes[i] = record.status
@@ -458,30 +448,18 @@ def run_group(jobs: list[Job]) -> list[str]:
 def train_stack(jobs: list[Job], ckpts: list[dict | None]) -> list[RunRecord]:
     """Build N members from their configs, fit them as one stack through `loop.fit` (each with
     the callbacks of its run alone), write N records."""
-    from ablate.train import Interrupted, build, build_callbacks, git_commit, pick_device, read_record
+    from ablate.compose import (Interrupted, build, build_callbacks, build_data, describe, describe_data,
+                                pick_device, set_up, splits_text, start_record)
 
     cfg = jobs[0].cfg
     device = pick_device(cfg.device, jobs[0].job_num)
-    if cfg.get("threads"):
-        torch.set_num_threads(cfg.threads)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input shapes, as in train.run
-        if device.index is not None:
-            torch.cuda.set_device(device)
+    set_up(cfg, device)
     precision = pick_precision(cfg.precision, device)
-    records = []
-    for job in jobs:
-        previous = read_record(job.run_dir)
-        records.append(RunRecord(choices=job.choices, overrides=job.overrides, seed=job.cfg.seed,
-                                 epochs=cfg.epochs, device=str(device), precision=precision.name,
-                                 torch_version=str(torch.__version__), git_commit=git_commit(),
-                                 threads=torch.get_num_threads(),
-                                 config_hash=identity(OmegaConf.to_container(job.cfg, resolve=True)),
-                                 wall_seconds=previous.wall_seconds if previous else 0.0))
+    records = [start_record(job, device, precision.name) for job in jobs]
     start = time.perf_counter()
     loops: list[MemberLoop] = []
     try:
-        data = build(cfg, "data").to(device)  # the same images for every seed (fixed split seed)
+        data, fingerprint = build_data(cfg, device)  # the same images for every seed (fixed split seed)
         models, rngs = [], []
         for job, ckpt in zip(jobs, ckpts):
             torch.manual_seed(job.cfg.seed)  # as train.run: the model's init comes from the seed
@@ -506,19 +484,16 @@ def train_stack(jobs: list[Job], ckpts: list[dict | None]) -> list[RunRecord]:
         recipe = Recipe(loss_fn, optimizer, cfg.batch_size, cfg.l1_lambda, cfg.grad_clip, precision)
         fused = Fused(stack, recipe)
         for job, record, rng in zip(jobs, records, rngs):
-            record.params = sum(p[0].numel() for p in params)
-            record.scale, record.data_source = cfg.get("scale", 1.0), data.source
-            record.train_images, record.val_images, record.test_images = \
-                len(data.train_y), len(data.val_y), len(data.test_y)
+            describe_data(record, data, fingerprint, sum(p[0].numel() for p in params))
             record.extra["fused_members"] = len(jobs)
             loops.append(MemberLoop(None, data, recipe, job.run_dir, record,
                                     build_callbacks(job.cfg, job.run_dir, None, recipe, schedule),
                                     torch.Generator(device=device).manual_seed(job.cfg.seed),
                                     fused=fused, rng=rng))
         fused.loops = list(loops)
-        log.info("fused %d seeds (%s) | %d params each | %d train / %d test images | %s, %s",
-                 len(jobs), ", ".join(str(job.cfg.seed) for job in jobs), records[0].params,
-                 len(data.train_y), len(data.test_y), device, precision.name)
+        log.info("fused %d seeds (%s) | %s | %d params each | %s | %s, %s", len(jobs),
+                 ", ".join(str(job.cfg.seed) for job in jobs), describe(records[0]).rsplit(" seed=", 1)[0],
+                 records[0].params, splits_text(data), device, precision.name)
         for loop in fit(fused, loops, epochs=cfg.epochs, resumes=ckpts):
             loop.record.status = "completed"
             if cfg.save_weights:

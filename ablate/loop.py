@@ -14,13 +14,13 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-import numpy as np
+
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from ablate.data import ImageData, batches, num_batches
-from ablate.record import RunRecord, from_fields, write_metrics
+from ablate.record import METRICS_FILE, RunRecord, from_fields, plain_number, write_metrics
 
 log = logging.getLogger(__name__)
 PROGRESS_SECONDS = 30.0  # without a terminal (no tqdm bar), a progress line at most this often
@@ -56,9 +56,18 @@ class Precision:
         return inputs.contiguous(memory_format=torch.channels_last) if self.channels_last else inputs
 
 
+# Set to 1 or 0 to make precision=auto on a CPU act as if it had (or lacked) bf16 instructions:
+# how the test suite is run both ways on one machine (its subprocesses inherit it).
+CPU_BF16_ENV = "ABLATE_CPU_BF16"
+
+
 def cpu_computes_bf16() -> bool:
     """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX), as torch's CPU dispatch reads
-    them. Without them oneDNN emulates bf16, which is far slower than fp32 (13x on an AVX2 EPYC)."""
+    them (or as ABLATE_CPU_BF16=1|0 says). Without them oneDNN emulates bf16, which is far slower
+    than fp32 (13x on an AVX2 EPYC)."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
@@ -251,7 +260,8 @@ class Callback:
     its callbacks see as a run of its own. Hooks run in the order of the run's `callbacks`
     mapping. `state_dict` goes into the run's checkpoint under the callback's key, and
     `load_state_dict` gets it back on resume (before `on_fit_start`), so a callback's own
-    counters continue where the run stopped.
+    counters continue where the run stopped (numpy numbers come back as Python numbers, numpy
+    arrays as tensors: ablate.checkpoint.plain).
     """
 
     def on_fit_start(self, loop: Loop) -> None:
@@ -270,6 +280,12 @@ class Callback:
         """Once, after the last epoch (also when a resumed run had no epoch left); never for a
         run that diverged."""
 
+    def on_run_end(self, record: RunRecord) -> None:
+        """Once the run's record holds its final status (completed, diverged, failed or
+        interrupted) and is saved, whatever ended the run; called by the entry point that built
+        the callbacks (ablate.compose.run, ablate.fused.train_stack), not by `fit`, and also
+        when the run stopped before on_fit_start. It must not raise."""
+
     def state_dict(self) -> dict | None:
         return None
 
@@ -287,16 +303,6 @@ class Recipe:
     l1_lambda: float = 0.0
     grad_clip: float | None = None
     precision: Precision = field(default_factory=Precision)
-
-
-def plain_numbers(state):
-    """A callback's state with numpy scalars as Python numbers: checkpoints are read back with
-    torch.load(weights_only=True), which refuses numpy objects, and the resume would start over."""
-    if isinstance(state, dict):
-        return {key: plain_numbers(value) for key, value in state.items()}
-    if type(state) in (list, tuple):
-        return type(state)(plain_numbers(value) for value in state)
-    return state.item() if isinstance(state, np.generic) else state
 
 
 @dataclass(eq=False)
@@ -323,6 +329,23 @@ class Loop:
         for cb in self.callbacks.values():
             getattr(cb, hook)(self, *args)
 
+    def end_epoch(self, row: dict) -> None:
+        """Every callback's on_epoch_end; a column one adds or changes in `row` must be a plain
+        number (a numpy scalar or one-element tensor becomes one): anything else stops the run at
+        the end of its first epoch, naming the callback and the column, before more is spent."""
+        for key, cb in self.callbacks.items():
+            before = dict(row)
+            cb.on_epoch_end(self, row)
+            for column, value in row.items():
+                if column in before and before[column] is value:
+                    continue
+                try:
+                    row[column] = plain_number(value)
+                except ValueError as err:
+                    from ablate.validation import ConfigError  # validation imports this module
+                    raise ConfigError(f"callback {key!r} put {err} in column {column!r} of "
+                                      f"{METRICS_FILE}; give it a plain number (float(...))") from None
+
     def weights(self) -> dict[str, torch.Tensor]:
         """This run's model's state_dict."""
         return self.model.state_dict()
@@ -341,13 +364,14 @@ class Loop:
                 "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
     def state_dict(self) -> dict:
-        """Everything a resumed run needs to continue bit for bit (ablate.checkpoint's keys)."""
+        """Everything a resumed run needs to continue bit for bit (ablate.checkpoint's keys;
+        ablate.checkpoint.resume_state makes it what torch.load(weights_only=True) reads back)."""
         scaler = self.recipe.precision.scaler
         return {"state": asdict(self.state), "model": self.weights(),
                 "optimizer": self.optimizer_state(), "generator": self.generator.get_state(),
                 **self.rng_states(),
                 "scaler": scaler.state_dict() if scaler is not None else None,  # fp16 loss scale
-                **{key: plain_numbers(cb.state_dict()) for key, cb in self.callbacks.items()}}
+                **{key: cb.state_dict() for key, cb in self.callbacks.items()}}
 
     def load_training(self, ckpt: dict) -> None:
         """The model, optimizer and fp16 loss scale of the checkpoint."""
@@ -441,7 +465,7 @@ def fit(trainer, loops: list[Loop], *, epochs: int,
             for loop, row in zip(alive, rows):
                 loop.state.rows.append(row)
                 loop.state.epoch = epoch
-                loop.call("on_epoch_end", row)
+                loop.end_epoch(row)
     for loop in alive:
         loop.call("on_fit_end")
     return alive

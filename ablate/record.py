@@ -8,6 +8,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -55,10 +56,15 @@ def identity(config: dict) -> str:
     return hashlib.sha256(json.dumps(settings(config), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def row_identity(config: dict) -> str:
+def row_identity(config: dict, data_fingerprint: str | None = None) -> str:
     """identity() without the seed: runs that share it are seeds of one experiment, the only runs
-    a table may pool (analysis/tables.py)."""
-    return identity({k: v for k, v in config.items() if k != "seed"})
+    a table may pool (analysis/tables.py). With the fingerprint of the images the run used, the
+    data counts by content, not by where it lives: `data.root` is left out."""
+    kept = {k: v for k, v in config.items() if k != "seed"}
+    if data_fingerprint:
+        kept["data"] = {k: v for k, v in (kept.get("data") or {}).items() if k != "root"}
+        kept["data_fingerprint"] = data_fingerprint
+    return identity(kept)
 
 
 def differences(stored: dict, current: dict) -> list[str]:
@@ -115,6 +121,11 @@ class RunRecord:
     config_hash: str = ""            # identity() of the resolved config: the folder's one config
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # study-specific numbers (e.g. SWA accuracy)
+    # What the run is, written once by the run itself; analysis reads these and nothing else.
+    row_identity: str = ""           # row_identity(config, data_fingerprint): the runs a table pools
+    data_fingerprint: str = ""       # sha256 of the images and labels the run used (ImageData.fingerprint)
+    sweep: dict[str, Any] = field(default_factory=dict)  # kind (single|grid|optuna|...), dir, job, study, launcher
+    config: dict[str, Any] = field(default_factory=dict)  # the resolved config, as trained
 
     def save(self, run_dir: Path) -> None:
         write_atomic(Path(run_dir) / RESULT_FILE, json.dumps(asdict(self), indent=2) + "\n")
@@ -163,6 +174,25 @@ def write_atomic(path: Path, text: str) -> None:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())  # on disk before the rename, so a power cut leaves old or new
+
+
+def plain_number(value):
+    """`value` as a number metrics.csv can hold: an int or float as it is, a numpy scalar or a
+    one-element tensor or array as its Python number, None (no value) as None. ValueError,
+    saying what it is, for anything else (text, several numbers) and for NaN or infinity."""
+    if value is None or type(value) in (int, float):
+        number = value
+    else:
+        size = value.numel() if callable(getattr(value, "numel", None)) else getattr(value, "size", None)
+        if size != 1 or not callable(getattr(value, "item", None)) or isinstance(value, (str, bytes)):
+            shape = f" of shape {tuple(value.shape)}" if hasattr(value, "shape") else ""
+            raise ValueError(f"a {type(value).__name__}{shape} ({str(value)[:40]!r})")
+        number = value.item()
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise ValueError(f"a {type(value).__name__} holding {number!r}")
+    if isinstance(number, float) and not math.isfinite(number):
+        raise ValueError(f"the non-finite number {number}")
+    return number
 
 
 def write_metrics(rows: list[dict[str, Any]], run_dir: Path) -> None:

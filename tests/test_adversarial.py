@@ -156,7 +156,7 @@ def test_a_tag_labels_the_run_and_its_folder_and_changes_no_training(tmp_path):
 def test_configs_that_cannot_build_are_refused_in_one_line_before_data_and_model(
         tmp_path, monkeypatch, override, message):
     built = []
-    monkeypatch.setattr("ablate.train.build", lambda *args, **kw: built.append(args[1]))
+    monkeypatch.setattr("ablate.compose.build", lambda *args, **kw: built.append(args[1]))
     with pytest.raises(ConfigError) as err:
         run(compose_cfg([*QUICK, override]), tmp_path, {}, [])
     assert f"error: {err.value}" == message and "\n" not in message
@@ -252,7 +252,7 @@ class SigintInEpoch2(Callback):
 
 
 def test_a_second_ctrl_c_while_the_run_saves_its_record_leaves_it_interrupted(tmp_path, monkeypatch):
-    from ablate.train import Interrupted, _raise_interrupted
+    from ablate.train import Interrupted, raise_interrupted as _raise_interrupted
 
     save = RunRecord.save
 
@@ -287,3 +287,98 @@ def test_an_offline_sweep_tries_the_download_once_and_says_why_once_per_kind(tmp
     assert out.count("Point data.root at a copy") == 2  # job 0's error, and the summary's
     assert out.count("its download failed earlier in this process") == 3  # jobs 1, 2; one summary line
     assert "failed 2 jobs (" in out
+
+
+# ----------------------------------------------------------------------------- issue 28: no run starts over
+
+class NumpyState(Callback):
+    """A callback built on numpy: a numpy number in its row, a numpy array and number in its state."""
+
+    def __init__(self):
+        self.losses = np.zeros(0)
+
+    def on_epoch_end(self, loop, row: dict) -> None:
+        self.losses = np.append(self.losses, row["train_loss"])
+        row["mean_loss"] = np.float64(self.losses.mean())
+
+    def state_dict(self) -> dict:
+        return {"losses": self.losses, "epochs": np.int64(len(self.losses))}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses = np.asarray(state["losses"])
+        assert state["epochs"] == len(self.losses)
+
+
+class DatedState(Callback):
+    """Keeps a date in its state: something no checkpoint read with weights_only=True can hold."""
+
+    def state_dict(self) -> dict:
+        import datetime
+        return {"since": datetime.date(2026, 1, 1)}
+
+
+def test_a_numpy_callback_resumes_where_it_stopped_and_its_lost_record_is_rebuilt(tmp_path):
+    first = stopped_after_epoch_1(tmp_path, ["NumpyState"])
+    saved = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)  # what the resume reads
+    assert saved["NumpyState"]["epochs"] == 1 and saved["NumpyState"]["losses"].tolist() == [first["train_loss"][0]]
+    cfg = compose_cfg([*QUICK, "+callbacks.NumpyState._target_=test_adversarial.NumpyState"])
+    record = run(cfg, tmp_path, {}, [])
+    assert record.status == "completed"
+    metrics = pd.read_csv(tmp_path / METRICS_FILE)
+    assert metrics["seconds"][0] == first["seconds"][0]  # epoch 1 was not trained again
+    # the callback's array went on from epoch 1: epoch 2's mean is over both epochs
+    assert metrics["mean_loss"][1] == pytest.approx(metrics["train_loss"].mean())
+    (tmp_path / RESULT_FILE).unlink()  # lost after the run completed: rebuilt, nothing trained
+    assert run(cfg, tmp_path, {}, []) == record and RunRecord.load(tmp_path) == record
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / METRICS_FILE), metrics)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "numpy"])
+def test_an_unreadable_checkpoint_is_refused_in_one_line_and_never_trained_over(tmp_path, damage):
+    from ablate.folder import FolderRefused, accept
+
+    stopped_after_epoch_1(tmp_path)
+    path = tmp_path / CHECKPOINT_FILE
+    if damage == "garbage":
+        path.write_bytes(b"PK\x03\x04 half a checkpoint")
+    else:  # as a callback's numpy number made it before checkpoints were made plain
+        ckpt = torch.load(path, weights_only=True)
+        ckpt["NumpyCount"] = {"epochs": np.int64(1)}
+        torch.save(ckpt, path)
+    before = path.read_bytes()
+    how = f"to start the run over on purpose, delete it (rm '{path}')"
+    with pytest.raises(ConfigError) as err:
+        run(compose_cfg(QUICK), tmp_path, {}, [])
+    assert str(err.value).startswith(f"{path} cannot be read (") and how in str(err.value)
+    assert "\n" not in str(err.value)
+    with pytest.raises(FolderRefused) as refused:  # what train.py and the launchers ask first
+        accept(tmp_path, compose_cfg(QUICK))
+    assert str(refused.value) == str(err.value)
+    assert path.read_bytes() == before  # kept as it was: not replaced by a new run's epoch 1
+    assert pd.read_csv(tmp_path / METRICS_FILE)["epoch"].tolist() == [1]
+
+
+@pytest.mark.slow
+def test_the_entry_point_refuses_an_unreadable_checkpoint_in_one_line(tmp_path):
+    (tmp_path / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
+    proc = run_script("ablate/train.py", *QUICK, f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode == 1
+    [line] = proc.stderr.strip().splitlines()
+    path = tmp_path / CHECKPOINT_FILE
+    assert line.startswith(f"error: {path} cannot be read (PytorchStreamReader failed reading zip")
+    assert line.endswith(f"; the run is not started over without it: to start the run over on "
+                         f"purpose, delete it (rm '{path}')")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_FILE]  # nothing else written
+
+
+def test_a_callback_state_no_checkpoint_can_hold_stops_the_run_after_epoch_1_naming_it(tmp_path):
+    cfg = compose_cfg([*QUICK, "+callbacks.dated._target_=test_adversarial.DatedState"])
+    with pytest.raises(ConfigError) as err:
+        run(cfg, tmp_path, {}, [])
+    assert str(err.value) == (
+        "callback 'dated': its state_dict()['since'] is a datetime.date, which a checkpoint cannot "
+        "hold (torch.load(weights_only=True) refuses it, so the run could not resume); give it "
+        "numbers, strings, lists, dicts and tensors")
+    assert not (tmp_path / CHECKPOINT_FILE).exists()
+    record = RunRecord.load(tmp_path)
+    assert record.status == "failed" and record.epochs_run == 1 and "callback 'dated'" in record.error

@@ -145,18 +145,15 @@ class FusedLauncher(Launcher):
         accept each job's folder as train.main does, and train the accepted jobs as one stack."""
         from ablate.callbacks import JobOutcome
         from ablate.folder import FolderRefused, accept, locked, logging_to, write_hydra
-        from ablate.fused import Job, run_group
-        from ablate.train import Interrupted, _raise_interrupted, read_record, settle_precision
+        from ablate.compose import Interrupted, Job, raise_interrupted, read_record, settle_precision
+        from ablate.fused import run_group
 
         entries = []  # (job, Hydra's config of the job, its task overrides, job name)
 
         def enlist(cfg: DictConfig) -> JobOutcome:  # the task function of the set-up pass
             hc = HydraConfig.get()
             settle_precision(cfg, hc.job.num)
-            choices = {k: v for k, v in OmegaConf.to_container(hc.runtime.choices).items()
-                       if not k.startswith("hydra") and v is not None}
-            job = Job(cfg, Path(hc.runtime.output_dir), choices, list(hc.overrides.task),
-                      hc.job.num)
+            job = Job.from_hydra(cfg, hc, multirun=True)
             entries.append((job, copy.deepcopy(HydraConfig.instance().cfg), hc.overrides.task,
                             hc.job.name))
             return JobOutcome("running")  # replaced once the group has trained
@@ -170,7 +167,7 @@ class FusedLauncher(Launcher):
         for c in sweep_configs:
             callbacks.on_job_start(config=c, task_function=self.task_function)
         outcomes: list[JobOutcome | None] = [None] * len(entries)
-        handlers = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGINT)}
+        handlers = {s: signal.signal(s, raise_interrupted) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             with contextlib.ExitStack() as held:  # every folder is held until the group is done
                 accepted = []
