@@ -17,9 +17,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from ablate.record import write_atomic
+from ablate.study import StudyLock, StudyRefused, open_study
 
 log = logging.getLogger("ablate")
-FAILING = ("failed", "refused")  # outcomes that make a sweep exit 1
+FAILING = ("failed", "refused", "cancelled")  # outcomes that make a sweep exit 1
 
 
 class JobOutcome(float):
@@ -28,8 +29,8 @@ class JobOutcome(float):
     As a number it is the run's best validation accuracy (NaN without a validation split or
     when the run did not complete), never a test accuracy, so `hydra/sweeper=optuna` selects
     on held-out training data. It also says how the job ended, for SweepSummary: `status` is
-    completed | skipped | diverged | failed | refused, `message` the error or the reason for a
-    refusal (one line).
+    completed | skipped | diverged | failed | refused | cancelled (a launcher's job that ended
+    before its run did, e.g. by scancel), `message` the error or the reason (one line).
     """
 
     def __new__(cls, status: str, message: str = "", final_test_acc: float | None = None,
@@ -72,11 +73,18 @@ class SweepSummary(Callback):
     Jobs end in the launcher's worker processes (joblib, submitit), which run a pickled copy of
     this callback: each reports to a file under the sweep folder, in a directory named when this
     sweep started, so records that earlier sweeps left in the folder are never counted.
+    A tuning sweep's study is checked first (ablate/study.py): one that cannot run stops here,
+    before anything is written.
     """
 
     reports: Path | None = None
+    study: StudyLock | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        try:
+            self.study = open_study(config)
+        except StudyRefused as err:
+            sys.exit(f"error: {err}")
         self.reports = Path(config.hydra.sweep.dir) / ".jobs" / f"{os.getpid()}-{time.time_ns()}"
         self.reports.mkdir(parents=True, exist_ok=True)
 
@@ -93,6 +101,8 @@ class SweepSummary(Callback):
         write_atomic(self.reports / f"{config.hydra.job.num}.json", json.dumps(report) + "\n")
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if self.study is not None:
+            self.study.release()
         sweep = Path(config.hydra.sweep.dir)
         jobs = [json.loads(p.read_text()) for p in sorted(self.reports.glob("*.json"))]
         shutil.rmtree(self.reports)

@@ -146,10 +146,13 @@ def main(argv: list[str] | None = None) -> int:
 
     reports = sweep_reports(runs)
     if args.plan:
+        # a sweep with any trial of a tuning sweeper (optuna) is a study, not seeded rows
+        kinds = runs.groupby("sweep")["sweep_kind"].agg(
+            lambda k: next((x for x in k if isinstance(x, str) and x not in ("grid", "single")), k.iloc[0]))
         for report in reports:
             comparisons = max(len(report["table"]) - 1, 1)
-            report["markdown"] += "\n" + plan_markdown(plan_table(report["table"], report["sweep"], report["keys"]),
-                                                       report["sweep"], comparisons)
+            plan = plan_table(report["table"], report["sweep"], report["keys"], kinds[report["sweep"]])
+            report["markdown"] += "\n" + plan_markdown(plan, report["sweep"], comparisons)
     try:  # before anything is written: a sweep that cannot be tuned fairly stops the call
         tuned = tuned_reports(runs, reports, args.tune)
     except TuningError as err:

@@ -1,54 +1,43 @@
-"""Collect Hydra run folders into DataFrames: one row per run, one frame per CSV. Never raises:
-a file that cannot be trusted marks its run `unreadable`, with the file and the reason.
-
-Fast at scale: YAML goes through libyaml when PyYAML has it, each file is parsed once (config.yaml
-with OmegaConf's own YAML rules, its interpolations resolved here when they are the plain ones
-conf/ writes, by OmegaConf otherwise), and from CACHE_MIN_RUNS run folders on, what each run's
-files said is cached (keyed by every file's size, mtime, ctime and inode, and by this code's
-version), so a second call reads only the runs that changed."""
+"""Collect run folders into DataFrames: one row per run, from its result.json, and one frame per
+CSV (metrics.csv, ...). The record (ablate.record.RunRecord) says what the run was, written once
+by the run: resolved config, row identity, seed, sweep, data fingerprint; nothing here re-derives
+them (records of older versions, without their config: from .hydra/ through OmegaConf, noted).
+Never raises: a file that cannot be trusted makes its run `unreadable`, naming file and reason."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import csv
+import io
 import json
 import math
 import os
-import pickle
 import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException
-from omegaconf import OmegaConf
 
-from ablate import resolvers
-from ablate.record import (CSV_FILES, HYDRA_CONFIG, HYDRA_RUNTIME, METRICS_FILE, RESULT_FILE,
-                           SWEEP_FILE, identity, row_identity)
+from ablate.record import (CSV_FILES, HYDRA_CONFIG, HYDRA_RUNTIME, METRIC_COLUMNS, METRICS_FILE,
+                           RESULT_FILE, SWEEP_FILE, row_identity)
 
 STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
 # result.json fields analysis computes with, when present: each a number in its range
 ACCURACIES = ("final_test_acc", "best_test_acc", "best_val_acc", "test_acc_at_best_val")
 COUNTS = ("epochs", "epochs_run", "train_images", "val_images", "test_images")
 NUMBERS = ("seed", "scale", *ACCURACIES, *COUNTS)
-MAPPINGS = ("choices", "extra")
-# what a run's row always has, from its folder; then what it takes from result.json as it is
-COLUMNS = ("run_dir", "sweep", "sweep_kind", "status", "error", "choices", "overrides", "typed_overrides",
-           "config", "identity", "row_identity", "seed", "acc", "metric", "duplicate_of")
+MAPPINGS = ("choices", "extra", "config", "sweep")
+OWN_ACCURACIES = ("train_acc", "test_acc", "val_acc")  # the loop's; a callback's *_acc may be in %
+COLUMNS = ("run_dir", "sweep", "sweep_kind", "study", "job", "status", "error", "note", "choices",
+           "overrides", "typed_overrides", "config", "identity", "row_identity", "seed", "acc",
+           "metric", "duplicate_of")
 FROM_RECORD = ("epochs_run", "final_test_acc", "best_test_acc", "best_val_acc", "train_images",
                "val_images", "data_source", "extra")
-
-
-CACHE_ENV = "ABLATE_CACHE"  # the cache's folder; "off" turns it off (default ~/.cache/ablate)
-CACHE_MIN_RUNS = 200  # fewer run folders under a root are read fast enough without a cache
+SLOW_WAY = "an older record without its config: read from .hydra/ through OmegaConf"
 
 
 def printable(text: str) -> str:
-    """Text safe to write, print and draw: bytes of a folder name that are not UTF-8 (which Python
-    carries as lone surrogates) become U+FFFD instead of failing the whole call."""
+    """Text safe to print and draw: a folder name's bytes that are not UTF-8 become U+FFFD."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
@@ -56,56 +45,19 @@ class Unreadable(Exception):
     """A run's file that cannot be trusted; the message names the file and says why."""
 
 
-# ----------------------------------------------------------------------------- YAML, fast
-
-_C = getattr(yaml, "__with_libyaml__", False)
-SafeLoader = yaml.CSafeLoader if _C else yaml.SafeLoader  # libyaml's parser, PyYAML's constructor
-
-
-def _config_loader():
-    """A loader with OmegaConf.load's YAML rules (1e-3 is a float, no timestamps, a duplicate key
-    is an error) on libyaml's parser; OmegaConf's own (pure Python) loader without libyaml."""
-    try:
-        from omegaconf._utils import get_yaml_loader
-        base = get_yaml_loader()
-    except Exception:  # another OmegaConf: read config.yaml with OmegaConf.load itself
-        return None
-    if not _C:
-        return base
-
-    class ConfigLoader(yaml.cyaml.CParser, base):
-        def __init__(self, stream):
-            yaml.cyaml.CParser.__init__(self, stream)
-            yaml.constructor.SafeConstructor.__init__(self)
-            yaml.resolver.Resolver.__init__(self)
-
-    return ConfigLoader
-
-
-ConfigLoader = _config_loader()
-
-
 def find_run_dirs(root: Path) -> list[Path]:
-    """Every directory under `root` that Hydra ran a job in (it holds .hydra/config.yaml)."""
-    if os.path.exists(os.path.join(root, HYDRA_CONFIG)):
+    """Every folder under `root` that a run used (it holds result.json or .hydra/config.yaml)."""
+    def is_run(path: str) -> bool:
+        return os.path.exists(os.path.join(path, RESULT_FILE)) or os.path.exists(os.path.join(path, HYDRA_CONFIG))
+
+    if is_run(os.fspath(root)):
         return [Path(root)]
-    found: list[Path] = []
-
-    def walk(here: str) -> None:  # os.walk's order (no links, no hidden folders), not listing runs
-        try:
-            with os.scandir(here) as entries:
-                names = sorted(e.name for e in entries
-                               if not e.name.startswith(".") and e.is_dir(follow_symlinks=False))
-        except OSError:
-            return
-        for name in names:
-            path = os.path.join(here, name)
-            if os.path.exists(os.path.join(path, HYDRA_CONFIG)):
-                found.append(Path(path))  # a run directory holds no other runs
-            else:
-                walk(path)
-
-    walk(os.fspath(root))
+    found, stack = [], [os.fspath(root)]
+    while stack:  # no links, no hidden folders; a run folder holds no other runs
+        here = stack.pop()
+        with contextlib.suppress(OSError), os.scandir(here) as entries:
+            for path in [e.path for e in entries if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)]:
+                (found.append(Path(path)) if is_run(path) else stack.append(path))
     return sorted(found, key=natural)
 
 
@@ -122,261 +74,12 @@ def parse_override(text: str) -> tuple[str, str]:
     return key, value
 
 
-def flatten(tree, prefix: str = "") -> dict:
-    """{'optim': {'lr': 1e-3}} -> {'optim.lr': 1e-3}; lists stay values. Keys are interned:
-    thousands of runs share one copy of each."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{'optim': {'lr': 1e-3}} -> {'optim.lr': 1e-3}; lists stay values."""
     out = {}
     for k, v in tree.items():
         out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {sys.intern(f"{prefix}{k}"): v})
     return out
-
-
-def sweep_order(multirun_yaml: Path) -> dict[str, list[str]]:
-    """Each key the sweep in multirun.yaml swept, with its values in the order they were typed."""
-    try:
-        hydra_cfg = _yaml(multirun_yaml)["hydra"]
-        params = (hydra_cfg.get("sweeper") or {}).get("params") or {}
-        lines = [*hydra_cfg["overrides"]["task"], *(f"{k}={v}" for k, v in params.items())]
-        overrides = OverridesParser.create().parse_overrides(lines)
-    except Exception:  # no order to follow: the folders' own order stands
-        return {}
-    order = {}
-    for override in overrides:
-        if override.is_sweep_override():
-            with contextlib.suppress(HydraException):  # glob(...) needs Hydra's config loader
-                order[override.key_or_group] = list(override.sweep_string_iterator())
-    return order
-
-
-def _position(row: dict, orders: dict) -> tuple:
-    """Where a run's values come in its sweep's lists: job folders are named, not numbered, so
-    this keeps table rows in the order typed (of the sweep that last wrote multirun.yaml)."""
-    if row["sweep"] not in orders:
-        orders[row["sweep"]] = sweep_order(Path(row["sweep"]) / SWEEP_FILE)
-    return tuple(values.index(row["overrides"].get(key)) if row["overrides"].get(key) in values
-                 else len(values) for key, values in orders[row["sweep"]].items())
-
-
-def _unreadable(path: Path, err: Exception) -> Unreadable:
-    return Unreadable(f"{path.parent.name}/{path.name}: {type(err).__name__}: {str(err).splitlines()[0]}")
-
-
-def _text(path: Path) -> str:
-    try:
-        return path.read_text()
-    except (OSError, UnicodeDecodeError) as err:
-        raise _unreadable(path, err) from None
-
-
-def _parse(path: Path, text: str, loader=SafeLoader):
-    try:
-        return yaml.load(text, Loader=loader)
-    except yaml.YAMLError as err:
-        raise _unreadable(path, err) from None
-
-
-def _mapping(path: Path, data) -> dict:
-    if not isinstance(data, dict):
-        raise Unreadable(f"{path.parent.name}/{path.name}: holds a {type(data).__name__}, not a mapping")
-    return data
-
-
-def _yaml(path: Path) -> dict:
-    return _mapping(path, _parse(path, _text(path)))
-
-
-SAFE_TAGS = frozenset(yaml.constructor.SafeConstructor.yaml_constructors) - {None}
-_PLAIN = "tag:ablate,plain"  # a plain scalar, its tag found only if it is built
-
-
-class _LazyLoader(SafeLoader):
-    """Leaves plain scalars' tags to be found when built: trying the resolvers' patterns on each
-    of hydra.yaml's hundreds of scalars, in Python, is much of its parse."""
-    unusual = False  # a plain '=' or '<<' (a value or merge tag): build it all as PyYAML does
-
-    def resolve(self, kind, value, implicit):
-        if kind is yaml.ScalarNode and implicit[0]:
-            if value in ("=", "<<"):
-                self.unusual = True
-            return _PLAIN
-        return yaml.resolver.Resolver.resolve(self, kind, value, implicit)
-
-
-def _nodes(top):
-    """Every node under `top` once (an alias may make the graph cyclic)."""
-    stack, seen = [top], set()
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        yield node
-        if isinstance(node, yaml.MappingNode):
-            stack.extend(n for pair in node.value for n in pair)
-        elif isinstance(node, yaml.SequenceNode):
-            stack.extend(node.value)
-
-
-def _build(loader, node):
-    for n in _nodes(node):
-        if n.tag == _PLAIN:
-            n.tag = yaml.resolver.Resolver.resolve(loader, yaml.ScalarNode, n.value, (True, False))
-    return loader.construct_document(node)
-
-
-def _subtree(node, key: str):
-    """The value node of `key` in a mapping node (the last, as a loader keeps), or None."""
-    found = None
-    for key_node, value_node in node.value:
-        if isinstance(key_node, yaml.ScalarNode) and key_node.value == key \
-                and key_node.tag in (_PLAIN, "tag:yaml.org,2002:str"):
-            found = value_node
-    return found
-
-
-def _hydra_parts(path: Path, text: str) -> dict:
-    """{'choices': ..., 'task': ...} from hydra.yaml: the whole file parsed (a damaged one is
-    Unreadable), only those two built into Python objects (the rest is most of the time)."""
-    loader = _LazyLoader(text)
-    try:
-        try:
-            top = loader.get_single_node()
-        except yaml.YAMLError as err:
-            raise _unreadable(path, err) from None
-        try:
-            if loader.unusual:
-                raise LookupError("a value or merge tag")
-            if "!" in text:  # an explicit tag: one the safe loader cannot build makes it unreadable
-                for node in _nodes(top):
-                    if node.tag not in SAFE_TAGS and node.tag != _PLAIN:
-                        raise LookupError(node.tag)
-            hydra = _subtree(top, "hydra") if isinstance(top, yaml.MappingNode) else None
-            runtime = _subtree(hydra, "runtime") if isinstance(hydra, yaml.MappingNode) else None
-            overrides = _subtree(hydra, "overrides") if isinstance(hydra, yaml.MappingNode) else None
-            choices = _subtree(runtime, "choices") if isinstance(runtime, yaml.MappingNode) else None
-            task = _subtree(overrides, "task") if isinstance(overrides, yaml.MappingNode) else None
-            if choices is None or task is None:
-                raise LookupError("not the usual shape")
-            nodes = [choices, task]
-        except LookupError:  # anything unusual: build it all, for the same errors as always
-            nodes = [top]
-        try:
-            built = [_build(loader, node) for node in nodes]
-        except yaml.YAMLError as err:
-            raise _unreadable(path, err) from None
-    finally:
-        loader.dispose()
-    if len(built) == 2:
-        return {"choices": built[0], "task": built[1]}
-    hydra = _mapping(path, built[0]).get("hydra")
-    try:
-        return {"choices": hydra["runtime"]["choices"], "task": hydra["overrides"]["task"]}
-    except (TypeError, KeyError) as err:
-        raise Unreadable(f"{HYDRA_RUNTIME}: no hydra.runtime.choices or hydra.overrides.task ({err})") from None
-
-
-def read_hydra(run_dir: Path) -> dict:
-    """The group choices and the overrides the user typed, from .hydra/hydra.yaml."""
-    path = run_dir / HYDRA_RUNTIME
-    parts = _hydra_parts(path, _text(path))
-    choices, task = parts["choices"] or {}, parts["task"] or []
-    if not isinstance(choices, dict) or not all(isinstance(o, str) for o in task):
-        raise Unreadable(f"{HYDRA_RUNTIME}: choices is not a mapping or overrides not strings")
-    return {"choices": {sys.intern(k): sys.intern(str(v)) for k, v in choices.items()
-                        if not k.startswith("hydra") and v is not None},
-            "overrides": dict(parse_override(o) for o in task), "typed_overrides": list(task),
-            "sweep_kind": "optuna" if choices.get("hydra/sweeper") == "optuna" else None}
-
-
-class _NotPlain(Exception):
-    """A config this module does not resolve itself: OmegaConf does."""
-
-
-_REFERENCE = re.compile(r"\$\{([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\}")  # ${data.num_classes}
-_SCALED = re.compile(r"\$\{scaled:(\d+)\}")  # ${scaled:5}, ablate.resolvers.scaled
-_ODD_KEY = re.compile(r"[.\[\]${}]")
-
-
-def resolve_plain(tree: dict) -> dict:
-    """`tree` resolved as OmegaConf.to_container(resolve=True) would, for configs whose
-    interpolations are whole values `${a.b}` (a key's value) or `${scaled:N}`; anything else
-    (a value OmegaConf would refuse, text around an interpolation, another resolver, a missing
-    key, '???' as a target, a cycle) raises _NotPlain. Thousands of times faster than OmegaConf."""
-    active: set = set()
-
-    def target(path: str):
-        node = tree
-        for part in path.split("."):
-            if not isinstance(node, dict) or part not in node:
-                raise _NotPlain(path)
-            node = node[part]
-        if path in active:
-            raise _NotPlain(f"cycle at {path}")
-        active.add(path)
-        value = resolve(node)
-        active.discard(path)
-        if isinstance(value, (dict, list)) or value == "???":
-            raise _NotPlain(path)
-        return value
-
-    def resolve(value):
-        if isinstance(value, str):
-            if "${" not in value:
-                return sys.intern(value) if len(value) < 64 else value
-            if m := _REFERENCE.fullmatch(value):
-                return target(m[1])
-            if (m := _SCALED.fullmatch(value)) and OmegaConf.has_resolver("scaled"):
-                scale = tree.get("scale", 1.0)
-                if isinstance(scale, str):
-                    raise _NotPlain("scale")
-                return resolvers.scaled(int(m[1]), _root_={"scale": scale})
-            raise _NotPlain(value)
-        if isinstance(value, dict):
-            if not all(isinstance(k, str) and k and not _ODD_KEY.search(k) for k in value):
-                raise _NotPlain("a key")
-            return {sys.intern(k): resolve(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [resolve(v) for v in value]
-        if value is None or isinstance(value, (bool, int, float)):
-            return value
-        raise _NotPlain(type(value).__name__)
-
-    return resolve(tree)
-
-
-def resolve_omegaconf(tree: dict) -> dict:
-    """`tree` resolved by OmegaConf; as written where OmegaConf cannot resolve it."""
-    try:  # OmegaConf raises many error types on what plain YAML accepts
-        cfg = OmegaConf.create(tree)
-    except Exception as err:
-        raise Unreadable(f"{HYDRA_CONFIG}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)
-    except Exception:  # an interpolation only Hydra could resolve: compare as written
-        return OmegaConf.to_container(cfg, resolve=False)
-
-
-def read_config(run_dir: Path) -> dict:
-    """The run's resolved config, flattened, and its identity (what makes two runs copies)."""
-    path = run_dir / HYDRA_CONFIG
-    text = _text(path)
-    if ConfigLoader is None:  # OmegaConf.load reads it; PyYAML's safe loader first, for its errors
-        _mapping(path, _parse(path, text))
-        try:
-            tree = OmegaConf.to_container(OmegaConf.load(path))
-        except Exception as err:
-            raise Unreadable(f"{HYDRA_CONFIG}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
-    else:  # read once, by OmegaConf's YAML rules
-        if "!" in text:  # an explicit tag: PyYAML's safe loader refuses some OmegaConf's accepts
-            _mapping(path, _parse(path, text))
-        tree = _mapping(path, _parse(path, text, ConfigLoader))
-    try:
-        tree = resolve_plain(tree)
-    except _NotPlain:
-        tree = resolve_omegaconf(tree)
-    return {"config": flatten(tree), "identity": identity(tree), "row_identity": row_identity(tree)}
 
 
 def _is_number(v) -> bool:
@@ -386,10 +89,10 @@ def _is_number(v) -> bool:
 def read_result(run_dir: Path) -> dict | None:
     """result.json checked field by field; None when there is none (the run never got going)."""
     path = run_dir / RESULT_FILE
-    if not path.exists():
-        return None
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise Unreadable(f"{RESULT_FILE}: not valid JSON ({err})") from None
     if not isinstance(record, dict):
@@ -398,82 +101,101 @@ def read_result(run_dir: Path) -> dict | None:
         raise Unreadable(f"{RESULT_FILE}: status {record.get('status')!r} is none of {', '.join(STATUSES)}")
     for key in NUMBERS:
         value = record.get(key)
-        if value is None:
-            continue
-        if key in ACCURACIES and _is_number(value) and math.isnan(value):
+        if value is None or key in ACCURACIES and _is_number(value) and math.isnan(value):
             continue  # no accuracy (a run can end without one): the row says so
-        if not _is_number(value) or not math.isfinite(value):
-            raise Unreadable(f"{RESULT_FILE}: {key} is {value!r}, not a finite number")
-        if key in ACCURACIES and not 0 <= value <= 1:
-            raise Unreadable(f"{RESULT_FILE}: {key} is {value!r}, not an accuracy in [0, 1]")
-        if key in COUNTS and (value < 0 or value != int(value)):
-            raise Unreadable(f"{RESULT_FILE}: {key} is {value!r}, not a count (a whole number >= 0)")
-        if key == "scale" and value <= 0:
-            raise Unreadable(f"{RESULT_FILE}: scale is {value!r}, not > 0")
+        why = ("not a finite number" if not _is_number(value) or not math.isfinite(value) else
+               "not an accuracy in [0, 1]" if key in ACCURACIES and not 0 <= value <= 1 else
+               "not a count (a whole number >= 0)" if key in COUNTS and (value < 0 or value != int(value)) else
+               "not > 0" if key == "scale" and value <= 0 else None)
+        if why:
+            raise Unreadable(f"{RESULT_FILE}: {key} is {value!r}, {why}")
     for key in MAPPINGS:
         if record.get(key) is not None and not isinstance(record[key], dict):
             raise Unreadable(f"{RESULT_FILE}: {key} is a {type(record[key]).__name__}, not a mapping")
+    if not all(isinstance(o, str) for o in record.get("overrides") or []):
+        raise Unreadable(f"{RESULT_FILE}: overrides are not all strings")
     return record
 
 
-def read_csv(path: Path) -> pd.DataFrame | None:
-    """A numeric CSV (metrics.csv, steps.csv, ...); None when absent or empty."""
-    try:
-        if path.stat().st_size == 0:
-            return None
-    except OSError:
-        return None
-    try:
-        frame = pd.read_csv(path)
-    except (OSError, UnicodeDecodeError, ValueError) as err:  # ParserError is a ValueError
-        raise Unreadable(f"{path.name}: {str(err).splitlines()[0]}") from None
-    for column in frame:
-        if pd.api.types.is_numeric_dtype(frame[column]):
-            continue  # to_numeric would return it as it is
+def read_hydra(run_dir: Path) -> dict:
+    """What an older record lacks, from .hydra/ through OmegaConf: the resolved config, the group
+    choices and the overrides as typed."""
+    from omegaconf import OmegaConf
+
+    import ablate.resolvers  # noqa: F401  (${scaled:N} in the config)
+
+    def load(name: str):
         try:
-            frame[column] = pd.to_numeric(frame[column])
-        except (ValueError, TypeError):
-            bad = frame[column][pd.to_numeric(frame[column], errors="coerce").isna() & frame[column].notna()]
-            raise Unreadable(f"{path.name}: column {column!r} holds {bad.iloc[0]!r}, not a number") from None
-    check_rows(frame, path.name)
-    return frame
+            return OmegaConf.load(run_dir / name)
+        except Exception as err:  # OmegaConf raises many kinds on a damaged file
+            raise Unreadable(f"{name}: {type(err).__name__}: {(str(err) or '?').splitlines()[0]}") from None
+
+    config, hydra = load(HYDRA_CONFIG), load(HYDRA_RUNTIME)
+    try:
+        tree = OmegaConf.to_container(config, resolve=True)
+    except Exception:  # an interpolation only Hydra could resolve: as written
+        tree = OmegaConf.to_container(config, resolve=False)
+    try:
+        choices = OmegaConf.to_container(hydra.hydra.runtime.choices)
+        typed = [str(o) for o in hydra.hydra.overrides.task]
+    except Exception as err:
+        raise Unreadable(f"{HYDRA_RUNTIME}: no hydra.runtime.choices or hydra.overrides.task ({err})") from None
+    if not isinstance(tree, dict):
+        raise Unreadable(f"{HYDRA_CONFIG}: holds a {type(tree).__name__}, not a mapping")
+    choices = {k: str(v) for k, v in choices.items() if not k.startswith("hydra") and k != "logger" and v is not None}
+    return {"config": tree, "choices": choices, "overrides": typed}
 
 
-def _rows_fine(frame: pd.DataFrame, per_epoch: bool = True) -> bool:
-    """check_rows' checks on the NumPy arrays (a tenth of the time); False when unsure."""
-    for column in frame:
-        is_epoch, is_acc = column == "epoch", str(column).endswith("_acc")
-        if not (is_epoch or is_acc):
-            continue
-        values = frame[column].to_numpy()
-        if values.dtype.kind not in "if":
-            return False
-        if is_epoch and (np.isnan(values).any() or (values != np.round(values)).any() or (values < 0).any()
-                         or per_epoch and (np.diff(values) <= 0).any()):  # strictly increasing: once, in order
-            return False
-        if is_acc and ((values < 0) | (values > 1)).any():  # NaN compares False: missing is fine
-            return False
-    return True
-
-
-def check_rows(frame: pd.DataFrame, name: str) -> None:
-    """Epochs whole numbers >= 0, in metrics.csv each once and in increasing order (steps.csv
-    has a row per step, so many per epoch); accuracies in [0, 1] or missing."""
-    per_epoch = name == METRICS_FILE
-    if _rows_fine(frame, per_epoch):
-        return
-    if "epoch" in frame:
-        epochs = frame["epoch"]
-        if epochs.isna().any() or not (epochs == epochs.round()).all() or (epochs < 0).any():
+def read_csv(path: Path, required: tuple[str, ...] = ()) -> tuple[dict | None, list[str]]:
+    """A run's CSV as {column: array} (None when absent or empty) and notes on columns left out
+    (text, in files written before callback columns were checked); Unreadable when damaged:
+    cut short, a row of the wrong length, epochs not whole, once each and in order (metrics.csv;
+    steps.csv has many rows an epoch), the loop's accuracies outside [0, 1]."""
+    name = path.name
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None, []
+    except (OSError, UnicodeDecodeError) as err:
+        raise Unreadable(f"{name}: {err}") from None
+    if not text:
+        return None, []
+    if not text.endswith("\n"):
+        raise Unreadable(f"{name}: cut short (its last line is incomplete)")
+    lines = list(csv.reader(io.StringIO(text))) if '"' in text else [line.split(",") for line in text.splitlines()]
+    header, body = lines[0], lines[1:]
+    if len(set(header)) != len(header) or "" in header:
+        raise Unreadable(f"{name}: its header has an empty or repeated column name")
+    if missing := [c for c in required if c not in header]:
+        raise Unreadable(f"{name}: no column {missing[0]!r} in its header (cut or damaged)")
+    if any(len(row) != len(header) for row in body):
+        raise Unreadable(f"{name}: a row has not {len(header)} fields (cut or damaged)")
+    columns, notes = {}, []
+    cells = [[c or "nan" for c in row] for row in body]  # an empty cell is a missing value
+    try:  # numpy parses the text, every column at once
+        table = np.array(cells, dtype=np.float64).reshape(len(body), len(header)).T
+    except ValueError:  # a column of text: find it
+        table = [None] * len(header)
+    for i, column in enumerate(header):
+        try:
+            columns[sys.intern(column)] = table[i] if table[i] is not None else \
+                np.array([row[i] for row in cells], dtype=np.float64)
+        except ValueError:
+            if column in METRIC_COLUMNS:
+                raise Unreadable(f"{name}: column {column!r} holds a value that is not a number") from None
+            notes.append(f"{name}: column {column!r} left out (not numbers)")
+    epochs = columns.get("epoch")
+    if epochs is not None:
+        if not (np.isfinite(epochs) & (epochs == np.round(epochs)) & (epochs >= 0)).all():
             raise Unreadable(f"{name}: column 'epoch' holds a value that is not a whole number >= 0")
-        if per_epoch and (not epochs.is_unique or not epochs.is_monotonic_increasing):
-            first = epochs[epochs.duplicated() | (epochs.diff() <= 0)].iloc[0]
-            raise Unreadable(f"{name}: epoch {first:g} comes twice or out of order")
-    for column in frame:
-        if str(column).endswith("_acc"):
-            bad = frame[column][frame[column].notna() & ~frame[column].between(0, 1)]
-            if len(bad):
-                raise Unreadable(f"{name}: {column} is {bad.iloc[0]:g}, not an accuracy in [0, 1]")
+        if name == METRICS_FILE and (np.diff(epochs) <= 0).any():
+            raise Unreadable(f"{name}: epoch {epochs[1:][np.diff(epochs) <= 0][0]:g} comes twice or out of order")
+        columns["epoch"] = epochs.astype(np.int64)
+    for column in OWN_ACCURACIES:
+        values = columns.get(column)
+        if values is not None and ((values < 0) | (values > 1)).any():  # NaN compares False: missing is fine
+            raise Unreadable(f"{name}: {column} is {values[(values < 0) | (values > 1)][0]:g}, not an accuracy in [0, 1]")
+    return columns, notes
 
 
 def usable_accuracy(record: dict) -> tuple[float, str]:
@@ -485,39 +207,43 @@ def usable_accuracy(record: dict) -> tuple[float, str]:
     return (float(acc) if ok else math.nan), metric
 
 
-def _columns(frame: pd.DataFrame | None):
-    """A run's CSV as kept (and cached): None, its columns as NumPy arrays, or the frame itself
-    when a column is not a NumPy number (e.g. a header without rows)."""
-    if frame is None:
-        return None
-    if all(dtype.kind in "biuf" and isinstance(dtype, np.dtype) for dtype in frame.dtypes):
-        return {column: frame[column].to_numpy() for column in frame.columns}
-    return frame
-
-
-def _frame(columns) -> pd.DataFrame:
-    return columns if isinstance(columns, pd.DataFrame) else pd.DataFrame(columns)
-
-
 def read_run(run_dir: Path, csvs: tuple[str, ...] = ("metrics",)) -> tuple[dict, dict]:
-    """What a run's own files say: its row's fields (all but run_dir and sweep) and each CSV
-    (see _columns); a damaged file makes the row `unreadable` (and no CSVs), never an exception."""
-    row: dict = {"status": "unfinished", "error": None, "choices": {}, "overrides": {}, "config": {}}
+    """What a run's own files say: its row's fields (but run_dir and sweep) and each CSV as
+    columns; a damaged file makes the row `unreadable` (and no CSVs), never an exception."""
+    row: dict = {"status": "unfinished", "error": None, "note": None, "choices": {}, "overrides": {},
+                 "typed_overrides": [], "config": {}, "sweep_info": {}}
     frames: dict = {}
     try:
-        row.update(read_hydra(run_dir))
-        row.update(read_config(run_dir))
-        row["seed"] = row["config"].get("seed")
         record = read_result(run_dir)
+        if record is None:
+            row["error"] = f"no {RESULT_FILE} (never started, still starting, or killed)"
+            return row, frames
+        # what the loop writes: all its columns, one row an epoch (older records: less is checked)
+        new = "config" in record
+        required = METRIC_COLUMNS if new else ("epoch", "test_acc")
+        if not new:  # written before records said what the run was
+            record.update(read_hydra(run_dir), row_identity=None)
+            row["note"] = SLOW_WAY
+        notes = []
         for name in csvs:
-            frames[name] = _columns(read_csv(run_dir / CSV_FILES[name]))
+            frames[name], more = read_csv(run_dir / CSV_FILES[name], required if name == "metrics" else ())
+            notes += more
+        rows = len(frames["metrics"]["epoch"]) if frames.get("metrics") else 0
+        if new and "metrics" in csvs and record["status"] == "completed" and rows != record.get("epochs_run", rows):
+            raise Unreadable(f"{METRICS_FILE}: {rows} epochs, but the record says "
+                             f"{record['epochs_run']} ran (cut or damaged)")
     except Unreadable as err:
         row.update(status="unreadable", error=str(err))
         return row, {}
-    if record is None:
-        row["error"] = f"no {RESULT_FILE} (never started, still starting, or killed)"
-        return row, frames
-    row.update({k: record.get(k) for k in ("status", "error", *FROM_RECORD)})
+    config = record.get("config") or {}
+    seed = record.get("seed", config.get("seed"))
+    row.update({k: record.get(k) for k in ("status", "error", *FROM_RECORD)},
+               choices=record.get("choices") or {}, typed_overrides=list(record.get("overrides") or []),
+               overrides=dict(parse_override(o) for o in record.get("overrides") or []),
+               config=flatten(config), seed=seed, sweep_info=record.get("sweep") or {},
+               note="; ".join(filter(None, [row["note"], *notes])) or None)
+    row["row_identity"] = record.get("row_identity") or (row_identity(config) if config else None)
+    row["identity"] = f"{row['row_identity']}:{seed}" if row["row_identity"] else None
     row["acc"], row["metric"] = usable_accuracy(record)
     if row["status"] == "completed" and math.isnan(row["acc"]):
         row.update(status="completed without accuracy",
@@ -525,214 +251,71 @@ def read_run(run_dir: Path, csvs: tuple[str, ...] = ("metrics",)) -> tuple[dict,
     return row, frames
 
 
-def _place(run_dir: Path, root: Path, sweeps: dict | None = None) -> dict:
-    sweeps = {} if sweeps is None else sweeps  # parent -> whether it holds multirun.yaml
-    if run_dir.parent not in sweeps:
-        sweeps[run_dir.parent] = (run_dir.parent / SWEEP_FILE).exists()
-    multirun = sweeps[run_dir.parent]
-    # a sweep is the folder Hydra wrote multirun.yaml into; single runs form one group
-    return {"run_dir": str(run_dir), "sweep": str(run_dir.parent) if multirun else f"single runs in {root}",
-            "sweep_kind": "grid" if multirun else "single"}
-
-
-def load_run(run_dir: Path, root: Path, csvs: tuple[str, ...] = ("metrics",)) -> tuple[dict, dict]:
-    """One run's row and its CSV frames; a damaged file makes the row `unreadable`, never an exception."""
-    fields, frames = read_run(run_dir, csvs)
-    return {**_place(run_dir, root), **{k: v for k, v in fields.items() if v is not None or k != "sweep_kind"}}, {k: None if v is None else _frame(v) for k, v in frames.items()}
+def place(run_dir: Path, root: Path, info: dict) -> dict:
+    """Which sweep a run belongs to, as its record says (an older one: a folder Hydra wrote
+    multirun.yaml into): the folder that holds it; single runs form one group per root."""
+    kind = info.get("kind") or ("grid" if (run_dir.parent / SWEEP_FILE).exists() else "single")
+    sweep = f"single runs in {root}" if kind == "single" else str(run_dir.parent)
+    return {"run_dir": str(run_dir), "sweep": sweep, "sweep_kind": kind, "study": info.get("study"),
+            "job": info.get("job")}
 
 
 def mark_duplicates(runs: pd.DataFrame) -> pd.DataFrame:
-    """Copies of one run (same result-affecting settings, seed included) in one sweep count once:
-    the best copy (completed with an accuracy, then the first by path) stays, the others become
-    `duplicate`. A sweep's table is about that sweep, so copies in other sweeps never take its
-    rows; `also_in` names those other sweeps (tables pooling across sweeps drop them)."""
+    """Copies of one run (same row identity and seed) in one sweep count once: the best (completed
+    with an accuracy, then first by path) stays, the others become `duplicate`; `also_in` names
+    the other sweeps holding a copy (a sweep's table keeps its own; pooled tables drop them)."""
     runs = runs.astype({"duplicate_of": object, "error": object, "status": object})
     runs["also_in"] = [[] for _ in range(len(runs))]
     rank = {"completed": 0, "completed without accuracy": 1}
-    shared = runs["identity"].notna() & runs["identity"].duplicated(keep=False)  # only these have copies
+    shared = runs["identity"].notna() & runs["identity"].duplicated(keep=False)
     for _, group in runs[shared].groupby("identity", sort=False):
-        if len(group) < 2:
-            continue
         for i in group.index:
             runs.at[i, "also_in"] = sorted(set(group["sweep"]) - {runs.at[i, "sweep"]})
         for _, copies in group.groupby("sweep", sort=False):
-            order = sorted(copies.index, key=lambda i: (rank.get(runs.at[i, "status"], 2),
-                                                        natural(runs.at[i, "run_dir"])))
+            order = sorted(copies.index, key=lambda i: (rank.get(runs.at[i, "status"], 2), natural(runs.at[i, "run_dir"])))
             kept = runs.at[order[0], "run_dir"]
             for i in order[1:]:
-                runs.at[i, "duplicate_of"] = kept
-                runs.at[i, "error"] = f"copy of {kept} (same settings and seed; counted once)"
-                runs.at[i, "status"] = "duplicate"
+                runs.loc[i, ["duplicate_of", "status", "error"]] = \
+                    [kept, "duplicate", f"copy of {kept} (same settings and seed; counted once)"]
     return runs
 
 
-# ----------------------------------------------------------------------------- the cache
-
-def _code_version() -> str:
-    """Cached entries are only good for the code (and libraries) that wrote them."""
-    import omegaconf
-
-    import ablate.record
-
-    digest = hashlib.sha256()
-    for path in (Path(__file__), Path(ablate.record.__file__), Path(resolvers.__file__)):
-        with contextlib.suppress(OSError):
-            digest.update(path.read_bytes())
-    digest.update(f"{sys.version} {np.__version__} {pd.__version__} {yaml.__version__} {_C} "
-                  f"{omegaconf.__version__}".encode())
-    return digest.hexdigest()[:16]
-
-
-def _stat(path: str) -> tuple | None:
-    """Size, mtime, ctime and inode (None: no such file): an edit, an atomic rewrite (a new
-    inode) or a chmod changes it."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
-
-
-def _signature(run_dir: Path, csvs: tuple[str, ...]) -> tuple:
-    """_stat of every file a run's row comes from."""
-    here = os.fspath(run_dir)
-    return (csvs, *(_stat(os.path.join(here, name))
-                    for name in (HYDRA_RUNTIME, HYDRA_CONFIG, RESULT_FILE, *(CSV_FILES[c] for c in csvs))))
-
-
-def _pack(frames: dict) -> dict:
-    """Each CSV's columns as one structured array: one object to pickle per run, not one per column."""
-    out = {}
-    for name, columns in frames.items():
-        if isinstance(columns, dict) and columns and all(isinstance(c, str) and c for c in columns):
-            packed = np.empty(len(next(iter(columns.values()))), [(c, a.dtype) for c, a in columns.items()])
-            for c, a in columns.items():
-                packed[c] = a
-            columns = packed
-        out[name] = columns
-    return out
-
-
-def _unpack(frames: dict) -> dict:
-    return {name: {c: columns[c] for c in columns.dtype.names} if isinstance(columns, np.ndarray) else columns
-            for name, columns in frames.items()}
-
-
-class Cache:
-    """What each run's files said, for one root, in a pickle under ~/.cache/ablate (or $ABLATE_CACHE;
-    ABLATE_CACHE=off: none). Unreadable or from other code: ignored; unwritable: not written."""
-
-    def __init__(self, root: Path):
-        setting = os.environ.get(CACHE_ENV, "")
-        self.path = None
-        if setting.lower() not in ("off", "0", "no", "false", "none"):
-            folder = Path(setting) if setting else \
-                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ablate"
-            key = hashlib.sha256(os.fsencode(os.path.abspath(root))).hexdigest()[:16]
-            self.path = folder / f"runs-{key}.pickle"
-        self.version, self.old, self.new, self.changed = _code_version(), {}, {}, False
-        if self.path is not None and self.path.exists():
-            with contextlib.suppress(Exception):  # a cache is never worth an error
-                with open(self.path, "rb") as fh:
-                    stored = pickle.load(fh)
-                if stored.get("version") == self.version:
-                    self.old = stored["entries"]
-
-    def read(self, run_dir: Path, csvs: tuple[str, ...]) -> tuple[dict, dict]:
-        """read_run(run_dir, csvs), from the cache when no file changed."""
-        key, signature = str(run_dir), _signature(run_dir, csvs)
-        entry = self.old.get(key)
-        if entry is None or entry[0] != signature:
-            fields, frames = read_run(run_dir, csvs)
-            # a file written while it was read: read again next time
-            entry = (signature if _signature(run_dir, csvs) == signature else None, fields, _pack(frames))
-            self.changed = True
-        self.new[key] = entry
-        return entry[1], _unpack(entry[2])
-
-    def sweep_order(self, sweep: str) -> dict:
-        """sweep_order of the sweep folder's multirun.yaml (Hydra's parser is slow)."""
-        path = os.path.join(sweep, SWEEP_FILE)
-        key, signature = ("sweep order", sweep), _stat(path)
-        entry = self.old.get(key)
-        if entry is None or entry[0] != signature or signature is None:
-            entry, self.changed = (signature, sweep_order(Path(path))), True
-        self.new[key] = entry
-        return entry[1]
-
-    def save(self) -> None:
-        if self.path is None or not (self.changed or self.new.keys() != self.old.keys()):
-            return
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as fh:
-                pickle.dump({"version": self.version, "entries": self.new}, fh, pickle.HIGHEST_PROTOCOL)
-            os.replace(tmp, self.path)
-        except Exception:  # a read-only or full disk: no cache this time
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-
-
-# ----------------------------------------------------------------------------- collect
-
-def stack(pieces: list[tuple[str, object]]) -> pd.DataFrame:
-    """pd.concat of each run's frame with its run_dir column, as one frame (ignore_index), built
-    column by column: the same frame as concatenating thousands of small ones, in a fraction of
-    the time. pieces: (run_dir, _columns(frame)), not None."""
+def stack(pieces: list[tuple[str, dict]]) -> pd.DataFrame:
+    """Each run's CSV columns with its run_dir as one frame, built column by column (what
+    concatenating thousands of small frames gives, in a fraction of the time)."""
     if not pieces:
         return pd.DataFrame(columns=["run_dir"])
-    if any(isinstance(columns, pd.DataFrame) for _, columns in pieces):  # pandas decides the dtypes
-        return pd.concat([_frame(columns).assign(run_dir=run_dir) for run_dir, columns in pieces],
-                         ignore_index=True)
     lengths = [len(next(iter(columns.values()))) if columns else 0 for _, columns in pieces]
-    names = list(dict.fromkeys(name for _, columns in pieces for name in [*columns, "run_dir"]))
+    names = list(dict.fromkeys(name for _, columns in pieces for name in columns))
     data = {}
     for name in names:
-        if name == "run_dir":
-            data[name] = np.repeat(np.array([run_dir for run_dir, _ in pieces], dtype=object), lengths)
-            continue
         parts = [columns.get(name) for _, columns in pieces]
-        kinds = {part.dtype for part in parts if part is not None}
-        if all(part is not None for part in parts) and len(kinds) == 1:
+        if all(p is not None for p in parts) and len({p.dtype for p in parts}) == 1:
             data[name] = np.concatenate(parts)
-        elif kinds <= {np.dtype("int64"), np.dtype("float64")}:  # a missing column or int with float: float
-            data[name] = np.concatenate([np.full(n, np.nan) if part is None else part.astype(np.float64)
-                                         for part, n in zip(parts, lengths)])
-        else:  # bool beside missing values and the like: as pandas does it
-            return pd.concat([_frame(columns).assign(run_dir=run_dir) for run_dir, columns in pieces],
-                             ignore_index=True)
+        else:  # a column some runs lack, or int beside float: float with NaN where missing
+            data[name] = np.concatenate([np.full(n, np.nan) if p is None else p.astype(np.float64)
+                                         for p, n in zip(parts, lengths)])
+    data["run_dir"] = np.repeat(np.array([run_dir for run_dir, _ in pieces], dtype=object), lengths)
     frame = pd.DataFrame(data)
     frame["run_dir"] = frame["run_dir"].astype(pd.Series(["x"]).dtype)  # the dtype assign() gives text
     return frame
 
 
 def collect(roots: list[Path], csvs: tuple[str, ...] = ("metrics",)) -> tuple[pd.DataFrame, dict]:
-    """(runs, frames): one row per run folder under `roots`; frames[name] stacks every usable run's
-    <name>.csv with a run_dir column (an empty frame when there is none)."""
-    csvs = tuple(csvs)
-    rows, pieces, sweeps = [], {name: [] for name in csvs}, {}
-    orders: dict = {}  # job folders are named, not numbered: keep the order the sweep typed
+    """(runs, frames): one row per run folder under `roots`, in each sweep's job order;
+    frames[name] stacks every counted run's <name>.csv with a run_dir column."""
+    rows, pieces = [], {name: [] for name in csvs}
     for root in roots:
-        run_dirs = find_run_dirs(root)
-        cache = Cache(root) if len(run_dirs) >= CACHE_MIN_RUNS else None
-        for run_dir in run_dirs:
-            fields, frames = cache.read(run_dir, csvs) if cache else read_run(run_dir, csvs)
-            rows.append({**_place(run_dir, root, sweeps), **{k: v for k, v in fields.items() if v is not None or k != "sweep_kind"}})
+        for run_dir in find_run_dirs(root):
+            fields, frames = read_run(run_dir, tuple(csvs))
+            rows.append({**place(run_dir, root, fields.pop("sweep_info")), **fields})
             for name, columns in frames.items():
                 if columns is not None:
                     pieces[name].append((str(run_dir), columns))
-            if cache and rows[-1]["sweep"] not in orders and sweeps[run_dir.parent]:
-                orders[rows[-1]["sweep"]] = cache.sweep_order(rows[-1]["sweep"])
-        if cache:
-            cache.save()
-    rows.sort(key=lambda row: (row["sweep"], _position(row, orders)))
+    rows.sort(key=lambda row: (row["sweep"], row["job"], row["run_dir"]) if isinstance(row["job"], int)
+              else (row["sweep"], math.inf, natural(row["run_dir"])))
     runs = pd.DataFrame(rows, columns=[*COLUMNS, *FROM_RECORD])
     runs["acc"] = runs["acc"].astype(float)
     runs = mark_duplicates(runs)
     kept = set(runs.loc[runs["status"] != "duplicate", "run_dir"])
-    frames = {}
-    for name, found in pieces.items():
-        stacked = stack(found)
-        frames[name] = stacked[stacked["run_dir"].isin(kept)] if found else stacked
-    return runs, frames
+    return runs, {name: stack([(d, c) for d, c in found if d in kept]) for name, found in pieces.items()}

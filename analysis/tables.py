@@ -117,8 +117,12 @@ def summarize(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
         lo, hi = bootstrap_interval(acc)
         best = usable["best_test_acc"].dropna().astype(float) * 100
         typed = {k: v for k, v in group["overrides"].iloc[0].items() if is_setting(k)}
+        # the overrides as typed (`+key=`, `~key` kept), seed left out: what --plan re-types
+        typed_list = (usable if len(usable) else group)["typed_overrides"].iloc[0]
+        as_typed = [o for o in (typed_list if isinstance(typed_list, list) else [])
+                    if o.lstrip("+~").split("=")[0] != "seed"]
         out.append({**{k: group[k].iloc[0] for k in keys}, "row": group["row"].iloc[0],
-                    "typed": typed,
+                    "typed": typed, "typed_overrides": as_typed,
                     "n": len(acc), "mean": mean, "std": sd, "ci_low": lo, "ci_high": hi,
                     "best_epoch_mean": float(best.mean()) if len(best) else math.nan,
                     "epochs": _epochs_text(group[group["status"].isin(DONE)]),

@@ -1,15 +1,15 @@
 """How make_tables scales with the number of run folders: time and peak memory.
 
-    python benchmarks/make_tables_scale.py [--runs N ...] [--template RUN_DIR] [--code CHECKOUT]
+    python benchmarks/make_tables_scale.py [--runs N ...] [--repeats 3] [--template RUN_DIR] [--code CHECKOUT]
 
-Fabricates N realistic run folders from one real run (its .hydra/config.yaml, hydra.yaml,
-overrides.yaml, result.json and metrics.csv, with seed, optim.lr, optim.weight_decay and a
-per-sweep +tag varied, as `-m` sweeps of lr x weight_decay x seeds, each with its
-multirun.yaml) into a temporary folder, then times `analysis.runs.collect` and the whole
-`analysis.make_tables.main` there, each in a fresh process (peak RSS from getrusage): collect
-with an empty cache (the first call), collect again (the cache filled), then main.
+Fabricates N realistic run folders from one real run (its .hydra/ files, result.json and
+metrics.csv, with seed, optim.lr, optim.weight_decay and a per-sweep +tag varied in the
+record's config and overrides, as `-m` sweeps of lr x weight_decay x seeds, each with its
+multirun.yaml) into a temporary folder, then times `analysis.runs.collect` (--repeats times,
+each in a fresh process with a fresh HOME: nothing of an earlier call is reused) and the whole
+`analysis.make_tables.main` once, reporting the median with the range. Peak RSS from getrusage.
 Without --template it trains the tiny run once (a few seconds). --code DIR measures another
-checkout's analysis/ (e.g. a worktree of an older commit) on the same folders.
+checkout's analysis/ on the same folders.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import random
 import re
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -97,8 +98,13 @@ class Fabricator:
             (run / ".hydra/hydra.yaml").write_text(self.hydra_text(task, job, num, run))
             (run / ".hydra/overrides.yaml").write_text(yaml_list(task, ""))
             acc = round(min(1.0, max(0.0, 0.6 + 40 * float(lr) * (1 - 100 * float(lr)) + rng.gauss(0, 0.02))), 4)
+            config = json.loads(json.dumps(self.result.get("config") or {}))
+            config.update(seed=seed, tag=tag)
+            config.setdefault("optim", {}).update(lr=float(lr), weight_decay=float(wd))
             record = {**self.result, "overrides": task, "seed": seed, "final_test_acc": acc,
-                      "best_test_acc": acc, "config_hash": f"{rng.getrandbits(64):016x}"}
+                      "best_test_acc": acc, "config_hash": f"{rng.getrandbits(64):016x}",
+                      "config": config, "row_identity": f"{tag}-{lr}-{wd}",
+                      "sweep": {"kind": "grid", "dir": str(folder), "job": num, "launcher": "basic"}}
             (run / "result.json").write_text(json.dumps(record, indent=2) + "\n")
             header, *rows = self.metrics
             rows = [",".join(f"{float(v) * rng.uniform(0.95, 1.05):.6g}" if v and i not in (0, 7) else v
@@ -139,8 +145,10 @@ def measure(what: str, root: Path, out: Path) -> dict:
             "runs": n}
 
 
-def child(what: str, root: Path, out: Path, code: Path, cache: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(code), "MPLBACKEND": "Agg", "ABLATE_CACHE": str(cache)}
+def child(what: str, root: Path, out: Path, code: Path, home: Path) -> dict:
+    home.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(code), "MPLBACKEND": "Agg", "HOME": str(home)}
+    env.pop("XDG_CACHE_HOME", None)
     proc = subprocess.run([sys.executable, __file__, "--measure", what, "--root", str(root), "--out", str(out),
                            "--code", str(code)], cwd=code, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -156,7 +164,8 @@ def main(argv=None) -> None:
                         "weight_decay x seeds runs (default 25: 200 runs a sweep)")
     parser.add_argument("--template", type=Path, help="a real run folder to copy (default: train a tiny one)")
     parser.add_argument("--code", type=Path, default=REPO, help="checkout whose analysis/ to measure")
-    parser.add_argument("--only", choices=("collect", "main"), help="measure only this (collect: both calls)")
+    parser.add_argument("--repeats", type=int, default=3, help="collect calls per size (default 3)")
+    parser.add_argument("--only", choices=("collect", "main"), help="measure only this")
     parser.add_argument("--keep", type=Path, help="fabricate here and keep the folders")
     parser.add_argument("--measure", choices=("collect", "main"), help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
@@ -171,30 +180,32 @@ def main(argv=None) -> None:
     try:
         template = args.template or make_template(work)
         rows = []
-        for n in args.runs or [2000, 10000]:
+        for n in args.runs or [3000, 10000]:
             root = (args.keep or work) / f"runs{n}"
             if not root.exists():
                 start = time.perf_counter()
                 made = fabricate(template, root, n, args.seeds)
                 print(f"fabricated {made} run folders in {root} ({time.perf_counter() - start:.1f} s)",
                       file=sys.stderr)
-            cache = work / f"cache{n}"  # empty: the first call reads every file
-            calls = {"collect": ["collect", "collect"], "main": ["main"]}.get(args.only, ["collect", "collect", "main"])
+            calls = {"collect": ["collect"] * args.repeats, "main": ["main"]}.get(
+                args.only, ["collect"] * args.repeats + ["main"])
             for i, what in enumerate(calls):
                 shutil.rmtree(work / "tables", ignore_errors=True)
-                r = child(what, root, work / "tables", args.code.resolve(), cache)
-                label = ("collect, 1st call (empty cache)" if i == 0 else "collect, 2nd call") \
-                    if what == "collect" else "make_tables.main"
-                rows.append((n, label, r))
-                print(f"{n} folders, {label}: {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB",
+                r = child(what, root, work / "tables", args.code.resolve(), work / f"home{n}-{i}")
+                rows.append((n, what, r))
+                print(f"{n} folders, {what} #{i + 1}: {r['seconds']:.2f} s, peak RSS {r['peak_rss_mb']:.0f} MB",
                       file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"analysis/ from {args.code.resolve()}\n")
-    print("| run folders | call | seconds | peak RSS (MB) | RSS after imports (MB) |")
-    print("|---:|---|---:|---:|---:|")
-    for n, call, r in rows:
-        print(f"| {n} | {call} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | {r['import_rss_mb']:.0f} |")
+    print(f"analysis/ from {args.code.resolve()}; each call a fresh process with a fresh HOME\n")
+    print("| run folders | call | calls | seconds, median (min-max) | peak RSS (MB) |")
+    print("|---:|---|---:|---|---:|")
+    for (n, what), group in itertools.groupby(rows, key=lambda row: row[:2]):
+        group = list(group)
+        times = sorted(r["seconds"] for _, _, r in group)
+        median = statistics.median(times)
+        print(f"| {n} | {'collect' if what == 'collect' else 'make_tables.main'} | {len(times)} | "
+              f"{median:.2f} ({times[0]:.2f}-{times[-1]:.2f}) | {max(r['peak_rss_mb'] for _, _, r in group):.0f} |")
 
 
 if __name__ == "__main__":

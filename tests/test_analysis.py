@@ -17,7 +17,7 @@ from analysis.reproduction import hydra_composer, reproduction_table
 from analysis import runs
 from analysis.runs import collect
 from analysis.tables import bootstrap_interval, sweep_reports
-from ablate.record import identity, row_identity
+from ablate.record import row_identity
 from conftest import compose_cfg, run_script
 
 
@@ -95,7 +95,11 @@ def test_table_has_one_row_per_variant_with_mean_sd_interval_and_test(sweep):
     assert table.at["relu", "test"] == "paired" and table.at["relu", "p_vs_best"] == pytest.approx(p)
     q = table.at["elu", "p_vs_best"]
     assert table.at["relu", "p_holm"] == pytest.approx(max(p, 2 * q) if p > q else 2 * p)
-    assert "1 diverged" in table.at["relu", "status"] and "1 unreadable" in table.at["elu", "status"]
+    assert "1 diverged" in table.at["relu", "status"]
+    # a run whose record cannot be read says nothing of which row it was: it joins none and is
+    # listed with the runs that have no number
+    assert "unreadable" not in " ".join(table["status"])
+    assert "unreadable" in report["markdown"] and "result.json: not valid JSON" in report["markdown"]
 
 
 def test_markdown_names_the_axis_and_lists_runs_without_a_number(sweep):
@@ -297,21 +301,6 @@ def test_reproduction_compares_like_with_like(tmp_path):
 
 # ----------------------------------------------------------------------------- reading at scale
 
-PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / "experiment").glob("*.yaml"))
-
-
-@pytest.mark.parametrize("overrides", [[], ["scale=0.3"], *([f"+experiment={p}"] for p in PRESETS)])
-def test_configs_resolve_without_omegaconf_exactly_as_with_it(overrides):
-    """config.yaml as Hydra writes it: read once, its interpolations resolved here, the same
-    tree (and so the same identity) as OmegaConf gives."""
-    text = OmegaConf.to_yaml(compose_cfg(overrides))
-    tree = yaml.load(text, Loader=runs.ConfigLoader)
-    expected = OmegaConf.to_container(OmegaConf.create(text), resolve=True)
-    assert runs.resolve_omegaconf(tree) == expected
-    try:
-        assert runs.resolve_plain(tree) == expected
-    except runs._NotPlain:  # only a preset using OmegaConf's own resolvers is left to OmegaConf
-        assert overrides and "${oc." in text
 
 
 @pytest.mark.parametrize("text", [
@@ -328,37 +317,15 @@ def test_unusual_configs_get_the_identity_omegaconf_gives(tmp_path, text):
     except Exception:
         tree = OmegaConf.to_container(cfg, resolve=False)
     row = collect([tmp_path])[0].iloc[0]
-    assert row["status"] == "completed" and row["identity"] == identity(tree)
+    assert row["status"] == "completed" and row["identity"] == f"{row_identity(tree)}:0"
     assert row["row_identity"] == row_identity(tree)
-
-
-def test_cached_collect_equals_a_fresh_one_and_sees_every_change(tmp_path, monkeypatch):
-    monkeypatch.setenv("ABLATE_CACHE", str(tmp_path / "cache"))
-    root = make_sweep(tmp_path / "s", {"ce": [0.8, 0.82], "mse": [0.7, 0.72]}, key="loss")
-    (root / "1" / "metrics.csv").write_text("epoch,train_loss,test_acc,grad_norm\n1,2,0.5,3.0\n2,1,0.8,2\n")
-    make_run(root / "9", ["loss=ce", "seed=9"], result="broken")
-    fresh = collect([root])
-    monkeypatch.setattr(runs, "CACHE_MIN_RUNS", 0)
-    for _ in range(2):  # writes the cache, then reads it
-        cached = collect([root])
-        pd.testing.assert_frame_equal(cached[0], fresh[0])
-        pd.testing.assert_frame_equal(cached[1]["metrics"], fresh[1]["metrics"])
-    assert len(list((tmp_path / "cache").iterdir())) == 1
-    damage(root / "0", "bad metrics")  # a file changed after it was cached
-    (root / "9" / "result.json").write_text(json.dumps({"status": "completed", "final_test_acc": 0.9}))
-    by_dir = collect([root])[0].set_index("run_dir")
-    assert by_dir.at[str(root / "0"), "status"] == "unreadable" and "metrics.csv" in by_dir.at[str(root / "0"), "error"]
-    assert by_dir.at[str(root / "9"), "status"] == "completed" and by_dir.at[str(root / "9"), "acc"] == 0.9
-    for cache in (tmp_path / "cache").iterdir():
-        cache.write_bytes(b"not a pickle")  # a damaged cache is ignored and rewritten
-    pd.testing.assert_frame_equal(collect([root])[0], by_dir.reset_index()[collect([root])[0].columns])
 
 
 def test_stacking_gives_what_concatenating_frames_gives():
     a = pd.DataFrame({"epoch": [1, 2], "test_acc": [0.1, 0.2]})
     b = pd.DataFrame({"epoch": [1.0], "grad_norm": [3.0], "test_acc": [0.3]})
-    c = pd.DataFrame({"epoch": [1], "flag": [True]})
-    for frames in ([a, b], [a, a], [a, c], [b, c], [a, pd.DataFrame({"epoch": []})]):
-        pieces = [(f"run{i}", runs._columns(f.copy())) for i, f in enumerate(frames)]
+    c = pd.DataFrame({"epoch": [3], "lr": [0.5]})
+    for frames in ([a, b], [a, a], [a, c], [b, c]):
+        pieces = [(f"run{i}", {k: f[k].to_numpy() for k in f}) for i, f in enumerate(frames)]
         expected = pd.concat([f.assign(run_dir=f"run{i}") for i, f in enumerate(frames)], ignore_index=True)
-        pd.testing.assert_frame_equal(runs.stack(pieces), expected)
+        pd.testing.assert_frame_equal(runs.stack(pieces), expected, check_like=True)

@@ -1,11 +1,13 @@
 """Sweeps on a real SLURM cluster: the one-node cluster `.ci/slurm-cluster start` runs on this
 machine (CI starts it before pytest). Jobs are scheduled by slurmctld, run by slurmd, and their
-states are read by submitit through sacct; nothing is mocked.
+states are read by submitit through sacct; nothing is mocked. A job cancelled with scancel is
+counted in the sweep summary, and `.ci/slurm-cluster status` reports this cluster whatever state
+folder it is asked about.
 
 Skipped where no cluster answers (sinfo missing or failing), and where the cluster that answers
 is not that local one: these tests submit jobs that write to this machine's temporary folders.
-The time-limit test starts first, in the background, so the three tests take about as long as
-that one.
+The time-limit test starts first, in the background, so the other tests use the node while it
+waits for SLURM.
 """
 from __future__ import annotations
 
@@ -312,3 +314,70 @@ def test_a_job_past_its_time_limit_is_requeued_and_completes(time_limited):
     assert record.status == "completed" and record.epochs_run == 4
     assert "resuming after epoch" in (run_dir / "train.log").read_text()
     assert len(pd.read_csv(run_dir / "metrics.csv")) == 4
+
+
+def test_a_cancelled_job_is_named_in_the_summary_and_the_same_command_resumes_it(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = [*SLURM, "loss=ce,focal", *LONGER, f"hydra.sweep.dir={sweep}"]
+    sweeping = start_sweep(*args, log=tmp_path / "sweep.log")
+    try:
+        deadline = time.time() + 180
+        while not list(sweep.glob("*loss=ce*/checkpoint.pt")):  # its first epoch is saved
+            if time.time() > deadline or sweeping.poll() is not None:
+                log = (tmp_path / "sweep.log").read_text()
+                pytest.fail(f"no epoch of loss=ce was saved:\n{log[-3000:]}")
+            time.sleep(0.1)
+        [array] = {job.split("_")[0] for job in job_ids(sweep)}
+        cancelled = f"{array}_0"  # the array's first task: loss=ce, the first job of the sweep
+        subprocess.run(["scancel", cancelled], check=True, capture_output=True, timeout=30)
+        sweeping.wait(timeout=300)
+    finally:
+        if sweeping.poll() is None:
+            sweeping.kill()
+            sweeping.wait()
+    out = (tmp_path / "sweep.log").read_text()
+    [run_dir] = [p.parent for p in sweep.glob("*loss=ce*/checkpoint.pt")]
+    # the other job's result is kept, and the summary names the cancelled one; a job that did not
+    # finish makes the sweep exit 1, as a failed one does
+    assert sweeping.returncode == 1, out[-3000:]
+    assert "Traceback" not in out and "UncompletedJobError" not in out, out[-3000:]
+    assert "2 jobs: 1 cancelled, 1 completed" in out, out[-3000:]
+    assert (f"cancelled {run_dir.name}: SLURM job {cancelled}: it ended CANCELLED; run the same "
+            "command again to resume it") in out, out[-3000:]
+    assert dict(sacct("-X", "-j", array, "-o", "JobID,State"))[cancelled].startswith("CANCELLED")
+    wait_for_states([f"{array}_1"])
+    assert RunRecord.load(run_dir).status == "interrupted"
+
+    again = run_script("ablate/train.py", "-m", *args, timeout=300)
+    text = again.stdout + again.stderr
+    assert "2 jobs: 1 completed, 1 skipped" in text, text[-3000:]
+    assert re.search(r"resuming after epoch [1-7]\b", (run_dir / "train.log").read_text())
+    record = RunRecord.load(run_dir)
+    assert record.status == "completed" and record.epochs_run == 8
+
+
+def test_status_reports_the_running_cluster_when_asked_with_another_state_folder(tmp_path):
+    env = {**os.environ, "ABLATE_SLURM_STATE": str(tmp_path / "elsewhere")}
+    proc = subprocess.run([str(REPO / ".ci/slurm-cluster"), "status"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for daemon in ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd"):
+        assert re.search(rf"^{daemon}: running \(pid \d+", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^debug\*?\s+up\b", proc.stdout, re.M), proc.stdout  # sinfo's partition line
+    assert "was written for the state folder" in proc.stderr  # it says which folder it used
+    assert not (tmp_path / "elsewhere").exists()  # and wrote nothing into the one asked about
+
+
+def test_a_job_that_raised_outside_its_run_is_named_by_its_exception(tmp_path):
+    """What the sweep summary says of a job whose submitit wrapper raised (after too many
+    timeouts, say): the exception line of the traceback submitit brings back."""
+    import submitit
+
+    from hydra_plugins.slurm_launcher.slurm_launcher import raised
+
+    executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="slurm")
+    executor.update_parameters(cpus_per_task=1, mem_gb=1, timeout_min=2)
+    job = executor.submit(int, "no number")  # raises in the job, as a builtin, pickled by name
+    with pytest.raises(submitit.core.utils.FailedJobError) as err:
+        job.results()
+    assert raised(err.value) == "ValueError: invalid literal for int() with base 10: 'no number'"

@@ -113,8 +113,9 @@ def _job(cfg, run_dir):
 
     from ablate.train import _run_job
 
-    hc = SimpleNamespace(runtime=SimpleNamespace(choices=OmegaConf.create({})),
-                         overrides=SimpleNamespace(task=[]), job=SimpleNamespace(num=0))
+    hc = SimpleNamespace(runtime=SimpleNamespace(choices=OmegaConf.create({}), output_dir=str(run_dir)),
+                         overrides=SimpleNamespace(task=[]), job=SimpleNamespace(num=0),
+                         sweep=SimpleNamespace(dir=str(run_dir.parent)))
     run_dir.mkdir(exist_ok=True)  # Hydra makes it
     return _run_job(cfg, hc, run_dir, in_sweep=True)
 
