@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import platform
 import signal
 import subprocess
 import time
@@ -22,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from ablate.checkpoint import link_seed_name, load_checkpoint, peek_checkpoint, save_finished
 from ablate.data import DataError, ImageData
+from ablate.loggers import build_loggers
 from ablate.loop import (Alone, Callback, FitState, Loop, Metrics, Recipe, Schedule, fit,
                          pick_precision, resolve_precision)
 from ablate.record import (METRICS_FILE, RESULT_FILE, RunRecord, WriteError, from_fields, identity,
@@ -56,6 +58,15 @@ def git_commit() -> str | None:
 
 
 # ----------------------------------------------------------------------------- where it runs
+
+def cpu_name() -> str:
+    """This machine's CPU model (/proc/cpuinfo), which sets a CPU run's speed and precision."""
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
+
 
 def spread_device(job_num: int | None, gpu_count: int) -> torch.device:
     """The device of a sweep's job `job_num`: jobs take the GPUs in turn; cpu when there are none."""
@@ -159,7 +170,7 @@ def start_record(job: Job, device: torch.device, precision: str) -> RunRecord:
     previous = read_record(job.run_dir)
     return RunRecord(choices=job.choices, overrides=job.overrides, seed=job.cfg.seed,
                      epochs=job.cfg.epochs, device=str(device), precision=precision,
-                     torch_version=str(torch.__version__), git_commit=git_commit(),
+                     torch_version=str(torch.__version__), git_commit=git_commit(), cpu=cpu_name(),
                      threads=torch.get_num_threads(), config_hash=identity(config),
                      wall_seconds=previous.wall_seconds if previous else 0.0,
                      sweep=job.sweep, config=config,
@@ -219,6 +230,23 @@ def finished_record(run_dir: Path) -> RunRecord | None:
     return record
 
 
+def finished_twin(run_dir: Path, cfg: DictConfig) -> Path | None:
+    """Another folder of run_dir's sweep where this very config (its identity) completed: a sweep
+    re-run with a new key (seed=0,1 after no seed) names the same job's folder otherwise."""
+    if finished_record(run_dir) is not None:
+        return None
+    digest = identity(OmegaConf.to_container(cfg, resolve=True))
+    for other in sorted(run_dir.parent.iterdir()):
+        path = other / RESULT_FILE
+        if other == run_dir or not path.is_file():
+            continue
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            record = json.loads(path.read_text())
+            if record.get("config_hash") == digest and record.get("status") == "completed":
+                return other
+    return None
+
+
 def record_failure(job: Job, err: BaseException) -> None:
     """Leave a failed record for analysis when the run died before writing its own."""
     if not (job.run_dir / RESULT_FILE).exists():
@@ -260,7 +288,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict | None = None, overrides: 
     set_up(cfg, device)
     record = start_record(job, device, pick_precision(cfg.precision, device).name)
     start = time.perf_counter()
-    state = None
+    state = parts = None
     try:
         parts = build_run(cfg, run_dir, device, record)
         state = train(cfg, parts, record, run_dir)
@@ -276,6 +304,8 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict | None = None, overrides: 
     finally:
         record.wall_seconds += time.perf_counter() - start
         record.save(run_dir)
+        for callback in parts.callbacks.values() if parts else ():
+            callback.on_run_end(record)  # trackers end their runs with the record's final status
     if record.status == "completed":  # only now, with the completed record safely on disk
         save_finished(run_dir, identity=record.config_hash, state=state, record=record)
     return record
@@ -345,8 +375,8 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, model, recipe: Recipe,
                                    optimizer=recipe.optimizer, run_dir=run_dir)
     for key in cfg.get("callbacks") or {}:  # see conf/callbacks/; validate checked their names
         callbacks[key] = build(cfg.callbacks, key)
-    from ablate.loggers import build_loggers  # see conf/logger/: logger=[tensorboard,mlflow]
-    callbacks.update(build_loggers(cfg))  # after the callbacks, so they show their columns
+    # see conf/logger/ (logger=[tensorboard,mlflow]); after the callbacks, so they show their columns
+    callbacks.update(build_loggers(cfg))
     callbacks["metrics"] = Metrics()  # after SWA's and the loggers' entries in the record
     callbacks["checkpoint"] = Checkpoint()  # last: it saves what all the others did
     return callbacks

@@ -522,6 +522,9 @@ def train_stack(jobs: list[Job], ckpts: list[dict | None]) -> list[RunRecord]:
                 record.save(job.run_dir)
             except WriteError as err:  # its last good record stays on disk
                 log.error("%s", err)
+        for loop in loops:
+            for callback in loop.callbacks.values():
+                callback.on_run_end(loop.record)  # trackers end their runs with the final status
     for loop in loops:
         if loop.record.status == "completed":  # with the completed record safely on disk
             save_finished(loop.run_dir, identity=loop.record.config_hash, state=loop.state,

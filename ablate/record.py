@@ -118,6 +118,7 @@ class RunRecord:
     torch_version: str = ""
     git_commit: str | None = None
     threads: int | None = None       # CPU threads used (recorded, not part of the identity)
+    cpu: str = ""                    # the CPU model: CPU speed and precision=auto depend on it
     config_hash: str = ""            # identity() of the resolved config: the folder's one config
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # study-specific numbers (e.g. SWA accuracy)

@@ -4,6 +4,7 @@ The Hydra entry point: it holds and accepts the job's folder, writes .hydra/, an
 to ablate.compose, which builds, trains and records it."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
@@ -15,13 +16,13 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from ablate.callbacks import JobOutcome
-from ablate.compose import (REPO, Interrupted, Job, build, finished_record, pick_device,  # noqa: F401
-                            raise_interrupted, read_record, record_failure, resume_advice, run,
-                            settle_precision, spread_device)
+from ablate.compose import (REPO, Interrupted, Job, build, finished_record, finished_twin,  # noqa: F401
+                            pick_device, raise_interrupted, read_record, record_failure,
+                            resume_advice, run, settle_precision, spread_device)
 from ablate.data import DataError
 from ablate.folder import FolderRefused, accept, locked, logging_to, write_hydra
 from ablate.record import WriteError
-from ablate.validation import ConfigError
+from ablate.validation import ConfigError, validate
 
 log = logging.getLogger("ablate")
 
@@ -31,10 +32,20 @@ def main(cfg: DictConfig) -> JobOutcome:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     in_sweep = hc.mode == RunMode.MULTIRUN
+    if not in_sweep and hc.sweeper.get("params"):  # e.g. +ablation=activation without -m
+        _leave_nothing(run_dir)
+        sys.exit(f"error: this config is a sweep ({', '.join(hc.sweeper.params)} swept by "
+                 f"hydra.sweeper.params); run it with -m: python ablate/train.py -m {' '.join(hc.overrides.task)}")
     handlers = {s: signal.signal(s, raise_interrupted) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         with locked(run_dir):
             settle_precision(cfg, hc.job.num if in_sweep else None)
+            if not in_sweep:  # refused before anything is written (a sweep records the failure)
+                _check(cfg, run_dir)
+            twin = finished_twin(run_dir, cfg) if in_sweep else None
+            if twin is not None:  # this config already ran in the sweep, in a folder named otherwise
+                log.info("%s: the same config already completed in %s; skipping", run_dir, twin)
+                return JobOutcome.of(read_record(twin), "skipped")
             accept(run_dir, cfg)
             # Only now is anything written: the folder is this run's, and this config's.
             write_hydra(run_dir, cfg, HydraConfig.instance().cfg, hc.overrides.task)
@@ -57,6 +68,23 @@ def main(cfg: DictConfig) -> JobOutcome:
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
+        if not any(run_dir.iterdir()) if run_dir.is_dir() else False:
+            _leave_nothing(run_dir)  # a refused or skipped job leaves no empty folder
+
+
+def _check(cfg: DictConfig, run_dir: Path) -> None:
+    """Refuse a run whose config cannot train, in one line, before its folder is written to."""
+    try:
+        validate(cfg)
+        pick_device(cfg.device)
+    except ConfigError as err:
+        raise FolderRefused(str(err)) from None
+
+
+def _leave_nothing(run_dir: Path) -> None:
+    """Remove the folder Hydra made for a job that wrote nothing into it."""
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()
 
 
 def _run_job(cfg: DictConfig, hc, run_dir: Path, in_sweep: bool) -> JobOutcome:
