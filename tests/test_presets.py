@@ -1,16 +1,18 @@
 """The seed report's configurations as presets, its tables as one-command sweeps, and the
 reproduction report."""
+import json
 import re
 
 import pandas as pd
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from ablate.train import run
 from ablate.validation import validate
-from conftest import CONF, TINY, compose_cfg, run_script
+from conftest import CONF, REPO, TINY, compose_cfg, run_script
 
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 # Each table of the seed report and the row labels its one command must produce.
@@ -64,7 +66,8 @@ def test_best_weights_also_get_the_seed_style_name(tmp_path):
 @pytest.mark.slow
 def test_every_table_is_one_command_with_seeds_ci_and_a_reproduction_report(tmp_path):
     tiny = ["data=synthetic", "data.train_size=200", "data.test_size=100", "epochs=1",
-            "model.filters=[8,16,32]", "seed=0,1"]
+            "model.filters=[8,16,32]", "seed=0,1",
+            "precision=fp32"]  # pinned: the rows below read fp32, and auto is bf16 on a bf16 CPU
     for table in TABLES:
         run_script("ablate/train.py", "-m", f"+ablation={table}", *tiny,
                    f"hydra.sweep.dir={tmp_path / table}")
@@ -119,3 +122,83 @@ def test_tuned_optimizer_preset_gives_each_optimizer_its_own_grid():
             assert cfg.optim.lr == pytest.approx(lr) and cfg.data.val_size > 0
     sweep = OmegaConf.load(CONF / "ablation" / "optimizer_tuned.yaml").hydra.sweeper.params
     assert sweep["optim"] == "adam,sgd,sign_sgd" and sweep["lr_step"] == "0,1,2,3,4"
+
+
+# ----------------------------------------------------------------------------- the whole report
+
+def test_report_sweep_is_every_seed_row_once_each_its_own_preset():
+    from analysis.reproduction import load_seed_results
+    from benchmarks import sweep_hours
+
+    jobs = sweep_hours.expand(["+ablation=report"])  # as `ablate/train.py -m` launches them
+    rows = load_seed_results()
+    listed = [o.split("=", 1)[1] for job in jobs for o in job if o.startswith("+experiment=")]
+    assert len(jobs) == len(listed) == len(rows) == 16  # one run per row, no seed swept
+    assert sorted(listed) == sorted(r.get("preset") or r["match"]["experiment"] for r in rows)
+
+    def resolved(overrides: list[str]) -> dict:
+        return OmegaConf.to_container(compose("config", overrides), resolve=True)
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for row in (r for r in rows if "preset" in r):
+            typed = [f"+{k}={v}" if k == "experiment" else f"{k}={v}" for k, v in row["match"].items()]
+            # the one-file preset is exactly the row the table ablations train: their runs pool
+            assert resolved([f"+experiment={row['preset']}"]) == resolved(typed), row["row"]
+
+
+@pytest.mark.slow
+def test_report_rows_are_distinct_runs_cheapest_first_and_their_hours_come_from_records():
+    from benchmarks import sweep_hours
+
+    jobs = sweep_hours.plan(["+ablation=report"])
+    assert len(jobs) == 16  # of 16 launched, one per configuration: no two rows are the same run
+    costs = [j.flops for j in jobs]
+    assert costs == sorted(costs) and costs[0] < costs[-1]
+    assert jobs[-1].overrides[0] == "+experiment=resnet_adamw" and jobs[-1].epochs == 100
+    # hours = epochs x images x FLOPs / (a record's images/s x its model's FLOPs): the seed CNN's
+    # 50-epoch rows take exactly as long as the committed record of the same model says
+    out = sweep_hours.table(jobs, sweep_hours.speeds(REPO / "docs" / "results"))
+    leaky = json.loads((REPO / "docs/results/activation_leaky_relu/result.json").read_text())
+    assert leaky["precision"] == "fp32"
+    hours = 50 * 49_920 / leaky["images_per_second"] / 3600  # 390 full batches of 128 an epoch
+    line = next(ln for ln in out.splitlines() if "`+experiment=activation_leaky_relu`" in ln)
+    assert line.split("|")[-2].strip() == f"{hours:.1f}"  # the cpu fp32 column (sorted last)
+    assert "**16 runs**" in out
+
+
+@pytest.mark.slow
+def test_tiny_report_rows_train_resume_fuse_and_fill_the_reproduction_report(tmp_path):
+    # Overrides every report preset accepts (model sizes differ: CNN filters, ResNet width), so
+    # two cheap rows at full width. fp32 pinned: auto is bf16 on a CPU with bf16 instructions.
+    tiny = ["data=synthetic", "data.train_size=128", "data.test_size=64", "scale=0.02",
+            "save_weights=false", "precision=fp32", "threads=2"]
+    sweep = ["-m", "+ablation=report", "+experiment=activation_relu,swa", "seed=0,1",
+             "hydra/launcher=fused", *tiny, f"hydra.sweep.dir={tmp_path / 'report'}"]
+    first = run_script("ablate/train.py", *sweep)
+    assert "4 jobs: 4 completed" in first.stdout + first.stderr
+    assert "fused 2 seeds (0, 1)" in first.stdout + first.stderr  # the ReLU row's seeds, stacked
+    again = run_script("ablate/train.py", *sweep)
+    assert "4 jobs: 4 skipped" in again.stdout + again.stderr  # resumable: nothing retrained
+    run_script("analysis/make_tables.py", "--root", str(tmp_path / "report"), "--out", str(tmp_path / "t"))
+    repro = (tmp_path / "t" / "reproduction.md").read_text()
+    # +experiment=activation_relu is the ReLU row itself (at synthetic scale), two seeds pooled
+    assert re.search(r"\| activation +\| ReLU +\| +89\.31 \| as preset +\| synthetic data +\| fp32 "
+                     r"+\| synthetic +\| +\d+\.\d+ +\| \[\d+\.\d+, \d+\.\d+\] +\| +2 \|", repro)
+    assert re.search(r"\| future work +\| SWA +\| +85\.17 \| as preset +\| synthetic data ", repro)
+    assert re.search(r"\| activation +\| eLU +\| +87\.45 \| - .*\| not run ", repro)
+
+
+def test_committed_full_scale_records_fill_the_activation_table():
+    from analysis.reproduction import hydra_composer, load_seed_results, reproduction_table
+    from analysis.runs import collect
+
+    runs, _ = collect([REPO / "docs" / "results"])
+    table = reproduction_table(runs, load_seed_results(), hydra_composer())
+    rows = table[(table["Table"] == "activation")].set_index("Row")
+    assert (rows["Runs"] == "as preset").all() and (rows["Scale"] == "full scale").all()
+    # best epoch against the seed's best epoch (like for like), last epoch beside it
+    assert rows.loc["LeakyReLU", "Difference, best epoch (pts)"] == f"{86.51 - 89.45:+.2f}"
+    assert rows.loc["ReLU", "Difference, best epoch (pts)"] == f"{85.15 - 89.31:+.2f}"
+    assert rows.loc["eLU", "Difference, best epoch (pts)"] == f"{84.63 - 87.45:+.2f}"
+    assert rows.loc["ReLU", "Difference (pts)"] == f"{85.03 - 89.31:+.2f}"
+    assert list(rows["Precision"]) == ["fp32", "bf16", "bf16"]
