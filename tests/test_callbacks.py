@@ -48,7 +48,7 @@ def test_tensorboard_without_the_package_fails_before_training_in_one_line(tmp_p
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == \
-        'error: logger: logger=tensorboard needs TensorBoard: pip install -e ".[tensorboard]"'
+        'error: logger=tensorboard needs TensorBoard: pip install -e ".[tensorboard]"'
     assert not (out / "metrics.csv").exists()  # not one epoch trained
     assert RunRecord.load(out).status == "failed"
 
