@@ -134,7 +134,7 @@ def test_a_text_column_of_an_older_run_is_left_out_and_the_run_kept(tmp_path):
 def test_an_environment_variable_in_the_config_is_resolved_by_the_run_not_the_reader(tmp_path):
     """Two sweeps of a config whose training-set size comes from $NTRAIN (200 and 100 images):
     two rows, no copies, whatever NTRAIN is when the tables are made."""
-    size = "data.train_size=${oc.decode:${oc.env:NTRAIN,200}}"
+    size = "data.train_size='${oc.decode:${oc.env:NTRAIN,200}}'"
     for n in (200, 100):
         os.environ["NTRAIN"] = str(n)
         try:
