@@ -16,12 +16,10 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from matplotlib.legend_handler import HandlerTuple
-from matplotlib.lines import Line2D
-from matplotlib.patches import Patch
+import seaborn as sns
 from matplotlib.ticker import MaxNLocator
 
-from analysis.plots import LINESTYLES, MARKERS, draw_lines, mean_sd
+from analysis.plots import dodge, percent_axis
 from analysis.runs import collect as runs_collector
 from analysis.runs import printable
 
@@ -147,129 +145,141 @@ def _counts(runs: pd.DataFrame) -> str:
     return f"{len(runs)} run{'s' * (len(runs) != 1)}: " + ", ".join(f"{v} {per[v]}" for v in _variants(runs))
 
 
-def _title(sweep: str | None, what: str, runs: pd.DataFrame) -> str:
-    return printable(f"{sweep + ': ' if sweep else ''}{what}\n({_counts(runs)})")
+def _title(sweep: str | None, what: str, runs: pd.DataFrame | None) -> str:
+    counts = f"\n({_counts(runs)})" if runs is not None else ""
+    return printable(f"{sweep + ': ' if sweep else ''}{what}{counts}")
 
 
-def _lr_styles(lrs: list[float]) -> dict:
-    return {lr: (LINESTYLES[i % len(LINESTYLES)], MARKERS[i % len(MARKERS)]) for i, lr in enumerate(lrs)}
+def _n(counts: pd.Series) -> str:
+    """The seeds behind a legend entry: '3', or '1-3' when they differ."""
+    ns = sorted({int(n) for n in counts}) or [0]
+    return str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
 
 
-def plot_band(band: pd.DataFrame, runs: pd.DataFrame | None = None, sweep: str | None = None) -> plt.Figure:
-    """Both variants' min-max loss band over learning rates on one axis."""
+def _legend_outside(ax, title: str | None = None) -> None:
+    if ax.get_legend() is not None:  # off the axes: the first epochs stay in view
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1), fontsize=8, title=title, title_fontsize=8)
+
+
+def plot_band(steps: pd.DataFrame, runs: pd.DataFrame, sweep: str | None = None) -> plt.Figure:
+    """Per variant: the median training loss over its learning rates and the min-max band."""
+    df = _with_runs(steps, runs)
+    df["loss"] = df["loss"].where(np.isfinite(df["loss"]))  # a diverged rate leaves the band
+    lrs = df.dropna(subset=["loss"]).groupby("variant")["lr"].nunique()
+    df["variant"] = [f"{v}: {lrs[v]} lrs" if lrs.get(v, 0) > 1 else f"{v}: one usable lr, no band"
+                     for v in df["variant"]]
+    order = [t for v in VARIANTS for t in dict.fromkeys(df["variant"]) if t.split(":")[0] == v]
     fig, ax = plt.subplots(figsize=(9, 4.6), layout="constrained")
-    for v in _variants(band):
-        b = band[band["variant"] == v]
-        lrs = int(b["runs"].max())
-        if lrs < 2:  # one usable rate: its loss, not a band
-            ax.plot(b["step"], b["lo"], color=PALETTE[v], lw=1, label=f"{v}: one usable lr, no band")
-            continue
-        ax.fill_between(b["step"], b["lo"], b["hi"], color=PALETTE[v], alpha=0.35, lw=0,
-                        label=f"{v}: min-max over {lrs} lrs")
-        ax.plot(b["step"], b["lo"], color=PALETTE[v], lw=0.6)
-        ax.plot(b["step"], b["hi"], color=PALETTE[v], lw=0.6)
+    sns.lineplot(data=df, x="step", y="loss", hue="variant", hue_order=order, estimator="median",
+                 errorbar=("pi", 100), palette={t: PALETTE[t.split(":")[0]] for t in order}, lw=1, ax=ax)
     ax.set(xlabel="training step", ylabel="training loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.set_title(_title(sweep, "Training-loss band over learning rates", runs) if runs is not None
-                 else "Training-loss band over learning rates", fontsize=11)
-    fig.legend(loc="outside right upper", fontsize=8)
+    ax.set_title(_title(sweep, "Training-loss band over learning rates", runs), fontsize=11)
+    _legend_outside(ax)
+    fig.supxlabel("line: median over the learning rates (and seeds); band: their min-max range",
+                  fontsize=8, color="0.3")
     return fig
+
+
+def _threshold(ax, threshold: float) -> str:
+    """Draw the table's threshold when it lies near the data (within one data span of it), with its
+    label inside the axes; else say in the caption that it is off the axis."""
+    low, high = ax.get_ylim()
+    span, level = high - low, threshold * 100
+    if not low - span <= level <= high + span:
+        side = "above" if level > high else "below"
+        return (f"; the threshold {threshold:.0%} (the table's first epoch >=) lies far {side} the data: "
+                "not drawn")
+    ax.axhline(level, color="grey", ls=":", lw=1.2)
+    low, high = min(low, level), max(high, level)
+    pad = 0.08 * (high - low)
+    ax.set_ylim(low - pad, high + pad)
+    upper = level > (low + high) / 2  # the label on the side of the line with room
+    ax.annotate(f"threshold {threshold:.0%}", (0.99, level), xycoords=("axes fraction", "data"),
+                xytext=(0, -3 if upper else 3), textcoords="offset points", ha="right",
+                va="top" if upper else "bottom", fontsize=8, color="0.35")
+    return f"; dotted: the threshold {threshold:.0%} (the table's first epoch >=)"
 
 
 def plot_val_acc(metrics: pd.DataFrame, runs: pd.DataFrame, threshold: float = 0.5,
                  sweep: str | None = None) -> plt.Figure:
-    """Accuracy (%) per epoch: colour is the variant, line style and marker the learning rate;
-    mean over seeds with a ± 1 sd band where a (variant, lr) has several. With one epoch: accuracy
-    against the learning rate, a point per variant and rate."""
+    """Accuracy (%) per epoch: colour is the variant, dashes and marker the learning rate; mean
+    over seeds with a ± 1 sd band where a (variant, lr) has several. With one epoch: accuracy
+    against the learning rate, a point with its ± 1 sd bar per variant and rate."""
     df = _with_runs(metrics, runs)
     acc = "val_acc" if df["val_acc"].notna().all() else "test_acc"
     df = df.assign(pct=df[acc] * 100)
-    lrs = sorted(df["lr"].unique())
-    shapes = _lr_styles(lrs)
+    seeds = df.groupby(["variant", "lr", "epoch"])["run"].nunique()
     name = {"val_acc": "validation accuracy (%)", "test_acc": "test accuracy (%)"}[acc]
     fig, ax = plt.subplots(figsize=(9, 4.8), layout="constrained")
-    stats = mean_sd(df, ["variant", "lr", "epoch"], "pct")
-    stats = stats[stats["n"] > 0]
-    seeds = int(stats["n"].max()) if len(stats) else 0
-    handles = []
-    if df["epoch"].nunique() == 1:  # one epoch: no epoch axis to draw lines along
-        for v in _variants(stats):
-            s = stats[stats["variant"] == v].sort_values("lr")
-            ax.plot(s["lr"], s["mean"], color=PALETTE[v], lw=0.8, alpha=0.5)
-            ax.errorbar(s["lr"], s["mean"], yerr=s["sd"].where(s["n"] > 1), color=PALETTE[v], marker="o",
-                        ms=7, capsize=5, ls="none")
-            handles.append(Line2D([], [], color=PALETTE[v], marker="o", label=f"{v} (n={_n(s)})"))
+    one_epoch = df["epoch"].nunique() == 1
+    if one_epoch:  # no epoch axis to draw lines along
+        per = seeds.groupby(level="variant")
+        df["variant"] = [f"{v} (n={_n(per.get_group(v))})" for v in df["variant"]]
+        order = [t for v in VARIANTS for t in dict.fromkeys(df["variant"]) if t.split(" (")[0] == v]
+        df["lr"] = dodge(df, "lr", "variant", 0.015, log=True)  # equal accuracies stay visible side by side
+        sns.lineplot(data=df, x="lr", y="pct", hue="variant", hue_order=order, marker="o", markersize=7,
+                     palette={t: PALETTE[t.split(" (")[0]] for t in order}, errorbar="sd",
+                     err_style="bars", err_kws={"capsize": 4}, ax=ax)
         ax.set(xscale="log", xlabel="learning rate (log scale)",
                ylabel=name.replace(" (", f" after epoch {int(df['epoch'].iloc[0])} ("))
-        spread = "point: mean over seeds; bar: ± 1 sd over the seeds" if seeds > 1 else "each point is one run"
+        spread = "point: mean over seeds; bar: ± 1 sd over the seeds" if seeds.max() > 1 else "each point is one run"
     else:
-        style = {f"{v} {float(lr)!r}": {"color": PALETTE[v], "ls": shapes[lr][0], "marker": shapes[lr][1]}
-                 for v in VARIANTS for lr in lrs}
-        keyed = stats.assign(key=[f"{v} {float(lr)!r}" for v, lr in zip(stats["variant"], stats["lr"])])
-        draw_lines(ax, keyed, "key", "epoch", style)
-        for v in _variants(stats):
-            handles.append(Line2D([], [], color=PALETTE[v], lw=3, label=v))
-        for lr in lrs:
-            if lr in set(stats["lr"]):
-                n = _n(stats[stats["lr"] == lr])
-                handles.append(Line2D([], [], color="0.3", ls=shapes[lr][0], marker=shapes[lr][1],
-                                      label=f"lr {lr:g} (n={n})"))
+        per = seeds.groupby(level="lr")
+        df["learning rate"] = [f"lr {lr:g} (n={_n(per.get_group(lr))})" for lr in df["lr"]]
+        sns.lineplot(data=df.rename(columns={"variant": "BatchNorm"}), x="epoch", y="pct", hue="BatchNorm",
+                     hue_order=_variants(df), palette=PALETTE, style="learning rate",
+                     style_order=list(dict.fromkeys(df.sort_values("lr")["learning rate"])), markers=True,
+                     errorbar="sd", ax=ax)
         ax.set(xlabel="epoch", ylabel=name)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        spread = ("line: mean over seeds; band: ± 1 sd over the seeds" if seeds > 1
+        spread = ("line: mean over seeds; band: ± 1 sd over the seeds" if seeds.max() > 1
                   else "one seed per variant and lr: each line is one run (no band)")
-    line = ax.axhline(threshold * 100, color="grey", ls=":", lw=1.2)
-    ax.annotate(f"threshold {threshold:.0%}", (0, threshold * 100), xycoords=("axes fraction", "data"),
-                xytext=(4, 3), textcoords="offset points", ha="left", va="bottom", fontsize=8, color="0.35")
-    handles.append(Line2D([], [], color=line.get_color(), ls=":", label=f"threshold {threshold:.0%} "
-                          "(the table's first epoch >=)"))
-    low, high = ax.get_ylim()
-    ax.set_ylim(max(low, 0), min(high, 100))
+    percent_axis(ax)
+    spread += _threshold(ax, threshold)
     ax.grid(alpha=0.3)
-    fig.legend(handles=handles, loc="outside right upper", fontsize=8)  # off the axes: epoch 1 stays in view
+    _legend_outside(ax)
     what = name.split(" (")[0].capitalize()
-    what = f"{what} after epoch {int(df['epoch'].iloc[0])}, by learning rate" if df["epoch"].nunique() == 1 \
-        else f"{what} per epoch"
+    what = f"{what} after epoch {int(df['epoch'].iloc[0])}, by learning rate" if one_epoch else f"{what} per epoch"
     ax.set_title(_title(sweep, what, runs), fontsize=11)
     fig.supxlabel(spread, fontsize=8, color="0.3")
     return fig
 
 
-def _n(stats: pd.DataFrame) -> str:
-    """The seeds behind a legend entry: '3', or '1-3' when they differ."""
-    ns = sorted({int(n) for n in stats["n"]}) or [0]
-    return str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
-
-
-def plot_landscape(panels: pd.DataFrame, runs: pd.DataFrame | None = None,
-                   sweep: str | None = None) -> plt.Figure:
-    """Santurkar et al. Fig. 4: loss landscape, gradient predictiveness, effective beta-smoothness."""
+def plot_landscape(landscape: pd.DataFrame, runs: pd.DataFrame, sweep: str | None = None) -> plt.Figure:
+    """Santurkar et al. Fig. 4: loss landscape, gradient predictiveness, effective beta-smoothness;
+    colour is the variant, dashes and markers tell its learning rates apart."""
+    df = _with_runs(landscape, runs)
+    beta = landscape_panels(landscape, runs)
+    several = df["lr"].nunique() > 1
+    label = lambda frame: [f"{v}, lr {lr:g}" if several else v  # noqa: E731
+                           for v, lr in zip(frame["variant"], frame["lr"])]
+    n = beta.groupby(["variant", "lr"])["run"].nunique()
+    names = {f"{v}, lr {lr:g}" if several else v: f" ({k} run{'s' * (k != 1)})" for (v, lr), k in n.items()}
+    df["curve"], beta["curve"] = label(df), label(beta)
+    order = sorted(names, key=lambda t: (VARIANTS.index(t.split(",")[0]), t))
+    common = dict(x="step", hue="curve", hue_order=order, style="curve", style_order=order,
+                  palette={t: PALETTE[t.split(",")[0]] for t in order})
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), layout="constrained")
-    lrs = sorted(panels["lr"].unique(), reverse=True)
-    handles, labels = [], []
-    for (v, lr), p in panels.groupby(["variant", "lr"], sort=False):
-        label = f"{v}, lr {lr:g}" if len(lrs) > 1 else v
-        labels.append(label + f" ({p['run'].nunique()} run{'s' * (p['run'].nunique() != 1)})")
-        i = lrs.index(lr)  # lighter bands and other dashes for each further learning rate
-        kw = dict(color=PALETTE[v], alpha=0.35 / (1 + i), lw=0)
-        axes[0].fill_between(p["step"], p["loss_lo"], p["loss_hi"], **kw)
-        axes[1].fill_between(p["step"], p["grad_lo"], p["grad_hi"], **kw)
-        ls = ["-", "--", ":", "-."][i % 4]
-        axes[2].plot(p["step"], p["beta"], color=PALETTE[v], marker=".", ls=ls)
-        handles.append((Patch(**kw), Line2D([], [], color=PALETTE[v], marker=".", ls=ls)))
+    sns.lineplot(data=df, y="loss", estimator="median", errorbar=("pi", 100), legend=False, ax=axes[0], **common)
+    sns.lineplot(data=df, y="grad_dist", estimator="median", errorbar=("pi", 100), legend=False, ax=axes[1],
+                 **common)
+    sns.lineplot(data=beta, y="beta", markers=True, errorbar=None, ax=axes[2], **common)
     axes[0].set(title="loss landscape: L(w - eta g) over eta", ylabel="loss")
     axes[1].set(title="gradient predictiveness: ||g(w - eta g) - g||", ylabel="l2 distance")
     axes[2].set(title="effective beta-smoothness", ylabel="max ||dg|| / ||eta g||")
     for ax in axes:
         ax.set_xlabel("training step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    fig.legend(handles, labels, loc="outside right center", fontsize=8, handlelength=3,
-               handler_map={tuple: HandlerTuple(ndivide=None)})
-    fig.suptitle(_title(sweep, "Loss landscape along the gradient (Santurkar et al., Fig. 4)", runs)
-                 if runs is not None else "Loss landscape along the gradient (Santurkar et al., Fig. 4)",
-                 fontsize=11)
-    fig.supxlabel("bands: range over the probed step sizes eta at each probed training step",
-                  fontsize=8, color="0.3")
+    legend = axes[2].get_legend()
+    for text in legend.get_texts():
+        text.set_text(text.get_text() + names.get(text.get_text(), ""))
+    _legend_outside(axes[2])
+    fig.suptitle(_title(sweep, "Loss landscape along the gradient (Santurkar et al., Fig. 4)", runs), fontsize=11)
+    fig.supxlabel("line: median over the probed step sizes eta at each probed training step; band: their "
+                  "min-max range (and over the seeds)", fontsize=8, color="0.3")
     return fig
 
 
@@ -315,7 +325,7 @@ def report(data: dict[str, pd.DataFrame], threshold: float = 0.5,
                   "learning rate)."]
         if summary.isna().any().any():
             parts.append("nan: a variant has fewer than two usable learning rates, so no band.")
-        figs["band"] = plot_band(band, runs, sweep)
+        figs["band"] = plot_band(data["steps"], runs, sweep)
     if len(data["landscape"]):
         panels = landscape_panels(data["landscape"], runs)
         parts += ["## Loss landscape (Santurkar et al.), mean over probed steps",
@@ -324,7 +334,7 @@ def report(data: dict[str, pd.DataFrame], threshold: float = 0.5,
                   "of the loss along the gradient over the probed step sizes (loss range), the largest "
                   "change of the gradient there (max grad change) and that change per unit step "
                   "(effective beta; lower: smoother)."]
-        figs["landscape"] = plot_landscape(panels, runs, sweep)
+        figs["landscape"] = plot_landscape(data["landscape"], runs, sweep)
     skipped = data.get("skipped", pd.DataFrame())
     if len(skipped):
         parts += ["## Run folders left out", _markdown(skipped.fillna(""))]

@@ -131,6 +131,7 @@ def budget_figure(curves: pd.DataFrame, arms: list[str], tune: list[str], title:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import seaborn as sns
     from matplotlib.ticker import FixedLocator, NullFormatter
 
     def labelled(last: int) -> list[int]:
@@ -142,13 +143,11 @@ def budget_figure(curves: pd.DataFrame, arms: list[str], tune: list[str], title:
         return [*nice, last]
 
     fig, ax = plt.subplots(figsize=(8.6, 4.6), layout="constrained")
-    drawn = [(arm, c.sort_values("k")) for arm, c in curves.groupby("arm", sort=False)
-             if c["expected_best_val"].notna().any()]  # an arm without a number gets no legend entry
-    colours = [plt.get_cmap("tab10" if len(drawn) <= 10 else "hsv")(i if len(drawn) <= 10 else i / len(drawn))
-               for i in range(len(drawn))]
-    for (arm, c), colour in zip(drawn, colours):
-        ax.plot(c["k"], c["expected_best_val"], color=colour, marker="o", ms=4,
-                label=f"{arm} (N={int(c['k'].max())} runs)")
+    drawn = curves.dropna(subset=["expected_best_val"])  # an arm without a number gets no legend entry
+    runs = drawn.groupby("arm", sort=False)["k"].max()
+    drawn = drawn.assign(arm=[f"{arm} (N={runs[arm]} runs)" for arm in drawn["arm"]])
+    sns.lineplot(data=drawn, x="k", y="expected_best_val", hue="arm", marker="o", markersize=4,
+                 palette="tab10" if len(runs) <= 10 else "husl", legend=bool(len(runs)), ax=ax)
     ax.set(xscale="log", xlabel="configurations tried (log scale): runs drawn at random from the grid x seeds",
            ylabel="expected best validation accuracy (%)")
     last = int(curves["k"].max()) if len(curves) else 1
@@ -158,9 +157,9 @@ def budget_figure(curves: pd.DataFrame, arms: list[str], tune: list[str], title:
     ax.set_xticks(ticks, [str(k) for k in ticks])
     ax.set_xlim(0.9, last * 1.1)
     ax.grid(alpha=0.3, which="major")
-    if drawn:  # outside the axes: it never hides a curve
-        fig.legend(title=" / ".join(HEADERS.get(k, k) for k in arms) or None, loc="outside right upper",
-                   fontsize=8)
+    if ax.get_legend() is not None:  # outside the axes: it never hides a curve
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1), fontsize=8, title_fontsize=8,
+                        title=" / ".join(HEADERS.get(k, k) for k in arms) or None)
     fig.suptitle(f"Expected best validation accuracy by budget\n{title}", fontsize=11)
     fig.supxlabel(f"each point: the expected best of k runs drawn at random from the arm's N (grid of "
                   f"{', '.join(tune)} x seeds), computed exactly", fontsize=8, color="0.3")

@@ -42,7 +42,16 @@ from pathlib import Path  # noqa: E402
 # Run as a script from anywhere: the repository root holds `ablate` and `benchmarks`.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import threading  # noqa: E402
+
 import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+# tqdm's first bar in a process makes a multiprocessing lock, a named semaphore; a speed-stage
+# child (which imports this module under spawn) stopped at its deadline never frees it, and the
+# resource tracker reports it as leaked when the suite exits. No two processes here share a bar,
+# so a thread lock does.
+tqdm.set_lock(threading.RLock())
 
 from benchmarks import suite_accuracy as accuracy  # noqa: E402
 from benchmarks import suite_speed as speed  # noqa: E402
@@ -607,6 +616,9 @@ def main(argv=None) -> int:
     runs = result.get("runs", [])
     log(f"done: {sum(r['status'] == 'completed' for r in runs)} of {len(runs)} runs completed; "
         f"wrote {', '.join(result['files'])} to {args.out}")
+    if args.work is None:  # our own temporary folder: its records are in results.json and tables.md now
+        shutil.rmtree(work, ignore_errors=True)
+        log(f"removed the run folders in {work} (--work DIR keeps them)")
     return 0
 
 
