@@ -330,6 +330,35 @@ class MemberLoop(Loop):
     def index(self) -> int:
         return next(m for m, loop in enumerate(self.fused.loops) if loop is self)
 
+    @property
+    def model(self) -> nn.Module | None:
+        """A copy of this member's model as it is now, in eval mode: its weights live in the
+        stack, so reading them works as alone, while changing the copy trains nothing."""
+        if self.fused is None:
+            return None
+        stack = self.fused.stack
+        copy_ = copy.deepcopy(stack.template).to_empty(device=next(iter(stack.params.values())).device)
+        copy_.load_state_dict(self.weights())
+        return copy_.eval()
+
+    @model.setter
+    def model(self, value) -> None:
+        """Loop's constructor sets it; a member has no model of its own (see the getter)."""
+
+    def call(self, hook: str, *args) -> None:
+        try:
+            super().call(hook, *args)
+        except Exception as err:  # the group stops: say whose callback it was
+            err.member = self.run_dir
+            raise
+
+    def end_epoch(self, row: dict) -> None:
+        try:
+            super().end_epoch(row)
+        except Exception as err:
+            err.member = self.run_dir
+            raise
+
     def weights(self) -> dict[str, torch.Tensor]:
         return self.fused.stack.state_dict(self.index)
 
@@ -402,7 +431,7 @@ def run_group(jobs: list[Job]) -> list[str]:
     folders must be accepted and held (ablate.folder), as for train.run. Returns each job's
     outcome: skipped, completed, diverged or failed.
     """
-    from ablate.compose import Interrupted, finished_record, record_failure, run
+    from ablate.compose import Interrupted, finished_record, read_record, record_failure, run
     from ablate.validation import ConfigError, validate
 
     outcomes = ["failed"] * len(jobs)
@@ -439,6 +468,8 @@ def run_group(jobs: list[Job]) -> list[str]:
             log.exception("training %s failed", ", ".join(str(jobs[i].run_dir) for i, _ in group))
             for i, _ in group:
                 record_failure(jobs[i], err)
+                record = read_record(jobs[i].run_dir)  # failed, or stopped with the group
+                outcomes[i] = "failed" if record is None or record.status != "interrupted" else "interrupted"
             continue
         for (i, _), record in zip(group, records):
             outcomes[i] = record.status
@@ -505,6 +536,7 @@ def train_stack(jobs: list[Job], ckpts: list[dict | None]) -> list[RunRecord]:
                 record.status, record.error = "interrupted", f"stopped by {err}; re-run to resume"
         raise
     except Exception as err:
+        culprit = getattr(err, "member", None)  # a member's callback raised (MemberLoop)
         for job, record in zip(jobs, records):
             if record.status != "running":
                 continue
@@ -512,6 +544,10 @@ def train_stack(jobs: list[Job], ckpts: list[dict | None]) -> list[RunRecord]:
             if isinstance(err, WriteError):  # one member's file (disk full) stops the group
                 record.error = str(err) if str(job.run_dir) in str(err) else \
                     f"stopped with its fused group: {err}"
+            elif culprit is not None and culprit != job.run_dir:  # resumable: nothing wrong here
+                record.status = "interrupted"
+                record.error = (f"stopped with its fused group when a callback of {culprit} raised "
+                                f"{type(err).__name__}: {err}; re-run to resume")
         raise
     finally:
         now = time.perf_counter()

@@ -1,4 +1,5 @@
-"""+callbacks=grad_norm: the mean gradient norm of each epoch, as a metrics.csv column."""
+"""+callbacks=grad_norm and +callbacks=weight_norm: norms of a run's gradients and weights, as
+metrics.csv columns (and logger curves)."""
 from __future__ import annotations
 
 import torch
@@ -21,3 +22,14 @@ class GradNorm(Callback):
     def on_epoch_end(self, loop: Loop, row: dict) -> None:
         row["grad_norm"] = float(self.total) / self.steps
         self.total, self.steps = 0.0, 0
+
+
+class WeightNorm(Callback):
+    """Adds `weight_norm` (the global L2 norm of the model's parameters after each epoch) to
+    every epoch's row. It reads `loop.model`: under the fused launcher, a copy of the member's
+    model at that moment."""
+
+    def on_epoch_end(self, loop: Loop, row: dict) -> None:
+        with torch.no_grad():
+            row["weight_norm"] = float(torch.linalg.vector_norm(
+                torch.stack([p.float().norm() for p in loop.model.parameters()])))
