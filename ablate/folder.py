@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from ablate.checkpoint import peek_checkpoint
 from ablate.record import (CHECKPOINT_FILE, HYDRA_CONFIG, HYDRA_DIR, HYDRA_OVERRIDES, HYDRA_RUNTIME,
                            LOCK_FILE, RESULT_FILE, differences, identity, write_atomic)
+from ablate.validation import ConfigError
 
 
 class FolderRefused(Exception):
@@ -58,7 +59,8 @@ def _holder(path: Path) -> str:
 
 
 def stored_identities(run_dir: Path) -> dict[str, str]:
-    """The identity each of the folder's artifacts was made with: record, checkpoint, .hydra config."""
+    """The identity each of the folder's artifacts was made with: record, checkpoint, .hydra config
+    (ConfigError when the checkpoint cannot be read)."""
     run_dir = Path(run_dir)
     found = {}
     with contextlib.suppress(OSError, ValueError, AttributeError):  # damaged: rebuilt or replaced later
@@ -84,23 +86,42 @@ def stored_config(run_dir: Path) -> dict | None:
 
 def accept(run_dir: Path, cfg: DictConfig) -> None:
     """Raise FolderRefused, in one line naming the settings that differ, unless every identity
-    the folder holds is this config's."""
+    the folder holds is this config's (and its checkpoint, if any, can be read)."""
     config = OmegaConf.to_container(cfg, resolve=True)
     digest = identity(config)
-    other = {where: d for where, d in stored_identities(run_dir).items() if d != digest}
+    try:
+        stored = stored_identities(run_dir)
+    except ConfigError as err:  # an unreadable checkpoint: the run's progress is never replaced
+        raise FolderRefused(str(err)) from None
+    other = {where: d for where, d in stored.items() if d != digest}
     if not other:
         return
-    stored = stored_config(run_dir)
-    changed = differences(stored, config) if stored is not None else []
+    configs = recorded_configs(run_dir)
+    changed = next((d for d in (differences(c, config) for c in configs) if d), [])
     if changed:
         why = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
         why = f"there -> here: {why}"
     else:
-        why = ", ".join(f"{where} was made by config {d}" for where, d in other.items())
-        why = f"{why}, this run's is {digest}"
+        made = " and ".join(other) + (" was" if len(other) == 1 else " were")
+        ids = ", ".join(sorted(set(other.values())))
+        why = (f"{made} made by another config (identity {ids}; this run's is {digest}), and "
+               + ("the settings recorded there equal this run's: made by another version of ablate?"
+                  if configs else "the folder keeps no copy of its settings to compare"))
     raise FolderRefused(f"{run_dir} holds a run of another config ({why}); refused, the folder "
                         "is left as it was: choose another folder (hydra.run.dir=... or "
                         "hydra.sweep.dir=...)")
+
+
+def recorded_configs(run_dir: Path) -> list[dict]:
+    """The resolved configs the folder keeps, to name what differs: .hydra/config.yaml, result.json's
+    `config`, and that of the record a finished checkpoint holds (result.json may be lost)."""
+    found = [stored_config(run_dir)]
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        found.append(json.loads((Path(run_dir) / RESULT_FILE).read_text()).get("config"))
+    with contextlib.suppress(ConfigError, ValueError, TypeError, AttributeError):
+        ckpt = peek_checkpoint(run_dir) or {}
+        found.append(json.loads(ckpt.get("finished_record") or "{}").get("config"))
+    return [c for c in found if isinstance(c, dict) and c]
 
 
 def write_hydra(run_dir: Path, task_cfg: DictConfig, hydra_cfg: DictConfig, overrides) -> None:

@@ -38,6 +38,11 @@ OPERATIONAL_KEYS = ("device", "threads", "cuda_memory_fraction", "compile", "sav
                     "log_steps", "logger", "data.download")
 
 
+def operational(key: str) -> bool:
+    """Whether a dotted key is, or lies under, one of OPERATIONAL_KEYS (logger.mlflow.experiment)."""
+    return any(key == k or key.startswith(f"{k}.") for k in OPERATIONAL_KEYS)
+
+
 def settings(config: dict) -> dict:
     """A resolved run config without its operational keys (and without Hydra's own node)."""
     kept = copy.deepcopy({k: v for k, v in config.items() if k != "hydra"})

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from ablate.checkpoint import atomic_torch_save
+from ablate.checkpoint import atomic_torch_save, resume_state
 from ablate.loop import Callback, Loop
 from ablate.record import BEST_WEIGHTS, CHECKPOINT_FILE, STEPS_FILE, write_atomic
 
@@ -16,7 +16,7 @@ class Checkpoint(Callback):
 
     def on_epoch_end(self, loop: Loop, row: dict) -> None:
         # identity is record.identity of the config: a run of another config never resumes it
-        atomic_torch_save({"identity": loop.record.config_hash, **loop.state_dict()},
+        atomic_torch_save(resume_state(loop.record.config_hash, loop.state_dict(), loop.callbacks),
                           loop.run_dir / CHECKPOINT_FILE)
 
 

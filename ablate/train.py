@@ -118,5 +118,7 @@ if __name__ == "__main__":
     # function for its worker processes, and cloudpickle can only send a __main__ one by value,
     # which fails on torch's module objects. An importable function is sent by name.
     from ablate.train import main as importable_main
+    from ablate.validation import explained_composition_errors
 
-    importable_main()
+    with explained_composition_errors():  # `epoch=1` (no +): a did-you-mean, not Hydra's bare error
+        importable_main()

@@ -8,16 +8,21 @@ epochs on a throwaway optimizer, and two images through the model and loss.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import functools
 import inspect
 import math
+import os
 import pkgutil
 import re
+import sys
 from pathlib import Path
 
 import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -45,7 +50,7 @@ def _positive_int(v) -> bool:
 RULES = {
     "epochs": (_positive_int, "an integer >= 1"),
     "batch_size": (_positive_int, "an integer >= 1"),
-    "scale": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "scale": (lambda v: _number(v) and v > 0, "a finite number > 0 (e.g. 0.1 for a quick look)"),
     "seed": (_count, "an integer >= 0"),
     "l1_lambda": (lambda v: _number(v) and v >= 0, "a number >= 0"),
     "grad_clip": (lambda v: v is None or (_number(v) and v > 0), "null or a number > 0"),
@@ -180,8 +185,7 @@ def _structure_problems(plain: dict) -> list[str]:
     config callbacks without a _target_ or with a name the loop's state already has, _target_s
     that do not import."""
     unread = list(_unread(plain))  # a typo such as +epoch=1 would otherwise train as if absent
-    problems = [f"nothing reads {key}={value!r}" + (f" (did you mean `{near[0]}`?)" if near else "")
-                for key, value, near in unread]
+    problems = [_unread_message(key, value, near) for key, value, near in unread]
     if any("." not in key for key, _, _ in unread):
         problems[-1] += "; a label goes in +tag=..."
     for key, node in (plain.get("callbacks") or {}).items():
@@ -196,6 +200,78 @@ def _structure_problems(plain: dict) -> list[str]:
             problems.append(f"{path}._target_={node['_target_']!r} does not import "
                             f"({type(err).__name__}: {err})")
     return problems
+
+
+def _unread_message(key: str, value, near: list[str]) -> str:
+    return f"nothing reads {key}={value!r}" + (f" (did you mean `{near[0]}`?)" if near else "")
+
+
+def _group_options_with(key: str) -> tuple[str, list[str]] | None:
+    """(group, its options that set the rest of `key`) for a key under a config group, e.g.
+    sched.step_size -> ('sched', ['step']); None when no group holds it."""
+    parts = key.split(".")
+    for cut in range(len(parts) - 1, 0, -1):  # the deepest group first (model/activation)
+        folder = CONF.joinpath(*parts[:cut])
+        if folder.is_dir() and parts[0] not in ("hydra", "experiment", "ablation"):
+            rest = ".".join(parts[cut:])
+            options = [path.stem for path in sorted(folder.glob("*.yaml"))
+                       if rest in set(_dotted(OmegaConf.to_container(OmegaConf.load(path)) or {}))]
+            return ("/".join(parts[:cut]), options) if options else None
+    return None
+
+
+def explain_unknown_key(err: Exception) -> str | None:
+    """What `+key=value` is told (nothing reads it; did you mean ...), for Hydra's refusal of a
+    `key=value` whose key the composed config lacks ("Could not override 'epoch'"); or, for a key
+    that other options of its group have (sched.step_size under cosine), which ones. None for
+    any other error."""
+    found = re.search(r"^To append to your config use \+(\S.*)$", str(err), re.M)
+    if not isinstance(err, ConfigCompositionException) or found is None:
+        return None
+    try:
+        override = OverridesParser.create().parse_override(found.group(1))
+        key = override.key_or_group
+        value = override.get_value_element_as_str() if override.is_sweep_override() else override.value()
+    except Exception:  # Hydra's own message is then the best there is
+        return None
+    holders = _group_options_with(key)
+    if holders is not None:
+        group, options = holders
+        rest = key[len(group) + 1:]
+        holding = " and ".join(f"{group}={o}" for o in options)
+        return (f"nothing reads {key}={value!r}: the {group} option chosen has no `{rest}`; "
+                f"{holding} {'has' if len(options) == 1 else 'have'} it")
+    parent = key.rpartition(".")[0]
+    siblings = [k for k in known_keys() if k.rpartition(".")[0] == parent
+                and not k.rpartition(".")[2].startswith("_")]  # _target_ is no one's typo
+    message = _unread_message(key, value, difflib.get_close_matches(key, siblings, 1))
+    return message if parent else message + "; a label goes in +tag=..."
+
+
+@contextlib.contextmanager
+def explained_composition_errors():
+    """Around hydra.main's call (`python ablate/train.py epoch=1`): a `key=value` whose key the
+    composed config lacks ends in one line, what `+epoch=1` is told, instead of Hydra's bare "Key
+    'epoch' is not in struct". Hydra reports composition errors in run_and_report, before any
+    task function runs, so that is where they are caught."""
+    import hydra._internal.utils as hydra_utils  # hydra.main's _run_hydra calls it by this name
+
+    report = hydra_utils.run_and_report
+
+    def explaining(func):
+        try:
+            return func()
+        except ConfigCompositionException as err:
+            message = explain_unknown_key(err)
+            if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":  # Hydra's trace, as asked
+                raise
+            sys.exit(f"error: invalid config: {message}")
+
+    hydra_utils.run_and_report = lambda func: report(lambda: explaining(func))
+    try:
+        yield
+    finally:
+        hydra_utils.run_and_report = report
 
 
 def _leaves(node, path: str = ""):

@@ -320,7 +320,8 @@ class DatedState(Callback):
 def test_a_numpy_callback_resumes_where_it_stopped_and_its_lost_record_is_rebuilt(tmp_path):
     first = stopped_after_epoch_1(tmp_path, ["NumpyState"])
     saved = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)  # what the resume reads
-    assert saved["NumpyState"]["epochs"] == 1 and saved["NumpyState"]["losses"].tolist() == [first["train_loss"][0]]
+    state = saved["NumpyState"]  # the numpy number and array, as a Python number and a tensor
+    assert state["epochs"] == 1 and state["losses"].tolist() == [first["train_loss"][0]]
     cfg = compose_cfg([*QUICK, "+callbacks.NumpyState._target_=test_adversarial.NumpyState"])
     record = run(cfg, tmp_path, {}, [])
     assert record.status == "completed"
@@ -349,7 +350,8 @@ def test_an_unreadable_checkpoint_is_refused_in_one_line_and_never_trained_over(
     how = f"to start the run over on purpose, delete it (rm '{path}')"
     with pytest.raises(ConfigError) as err:
         run(compose_cfg(QUICK), tmp_path, {}, [])
-    assert str(err.value).startswith(f"{path} cannot be read (") and how in str(err.value)
+    why = "no zip archive in it" if damage == "garbage" else "it holds a numpy."  # numpy's module path varies
+    assert str(err.value).startswith(f"{path} cannot be read ({why}") and how in str(err.value)
     assert "\n" not in str(err.value)
     with pytest.raises(FolderRefused) as refused:  # what train.py and the launchers ask first
         accept(tmp_path, compose_cfg(QUICK))
@@ -365,9 +367,9 @@ def test_the_entry_point_refuses_an_unreadable_checkpoint_in_one_line(tmp_path):
     assert proc.returncode == 1
     [line] = proc.stderr.strip().splitlines()
     path = tmp_path / CHECKPOINT_FILE
-    assert line.startswith(f"error: {path} cannot be read (PytorchStreamReader failed reading zip")
-    assert line.endswith(f"; the run is not started over without it: to start the run over on "
-                         f"purpose, delete it (rm '{path}')")
+    assert line == (f"error: {path} cannot be read (no zip archive in it, which torch.save writes: "
+                    "cut short or overwritten?); the run is not started over without it: to start "
+                    f"the run over on purpose, delete it (rm '{path}')")
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_FILE]  # nothing else written
 
 
@@ -382,3 +384,79 @@ def test_a_callback_state_no_checkpoint_can_hold_stops_the_run_after_epoch_1_nam
     assert not (tmp_path / CHECKPOINT_FILE).exists()
     record = RunRecord.load(tmp_path)
     assert record.status == "failed" and record.epochs_run == 1 and "callback 'dated'" in record.error
+
+
+# ----------------------------------------------------------------------------- issue 28: keys without +
+
+@pytest.mark.parametrize("overrides,message", [
+    (["epoch=1"], "nothing reads epoch=1 (did you mean `epochs`?); a label goes in +tag=..."),
+    (["optim.lrr=0.1"], "nothing reads optim.lrr=0.1 (did you mean `optim.lr`?)"),
+    (["model.filter=[8,16]"], "nothing reads model.filter=[8, 16] (did you mean `model.filters`?)"),
+    (["sched.step_size=3"],  # cosine, the default, has no step_size
+     "nothing reads sched.step_size=3: the sched option chosen has no `step_size`; sched=step has it"),
+    (["optim.momentum=0.9"],
+     "nothing reads optim.momentum=0.9: the optim option chosen has no `momentum`; optim=sgd and "
+     "optim=sign_sgd have it"),
+])
+def test_a_key_typed_without_plus_gets_what_plus_would_be_told(overrides, message):
+    from hydra.errors import ConfigCompositionException
+
+    from ablate.validation import explain_unknown_key
+
+    with pytest.raises(ConfigCompositionException) as err:  # Hydra refuses it while composing
+        compose_cfg([*QUICK, *overrides])
+    assert explain_unknown_key(err.value) == message
+    if "+" not in message and "option chosen" not in message:  # the same words as with a +
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            validate(compose_cfg([*QUICK, *(f"+{o}" for o in overrides)]))
+
+
+def test_other_composition_errors_are_left_to_hydra():
+    from hydra.errors import ConfigCompositionException
+
+    from ablate.validation import explain_unknown_key
+
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_cfg(["+epochs=3"])  # already there: Hydra's own message says what to type
+    assert explain_unknown_key(err.value) is None
+    assert explain_unknown_key(ValueError("To append to your config use +epoch=1")) is None
+
+
+ENTRY = """
+from ablate.train import main
+from ablate.validation import explained_composition_errors
+
+with explained_composition_errors():  # as ablate/train.py's __main__ calls main
+    main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,message", [
+    (["epoch=1"], "nothing reads epoch=1 (did you mean `epochs`?); a label goes in +tag=..."),
+    (["-m", "seed=0,1", "sched.step_size=3"],
+     "nothing reads sched.step_size=3: the sched option chosen has no `step_size`; sched=step has it"),
+])
+def test_the_entry_point_says_it_in_one_line(tmp_path, args, message):
+    entry = tmp_path / "entry.py"
+    entry.write_text(ENTRY)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.run([sys.executable, str(entry), *args, *QUICK, f"hydra.run.dir={tmp_path / 'run'}",
+                           f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"error: invalid config: {message}"
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [[], ["-m", "seed=0,1"]])
+def test_device_gpu_is_one_line_alone_and_in_a_sweep(tmp_path, args):
+    proc = run_script("ablate/train.py", *args, *QUICK, "device=gpu", f"hydra.run.dir={tmp_path / 'run'}",
+                      f"hydra.sweep.dir={tmp_path / 'sweep'}", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr
+    error = "invalid config: device='gpu' must be one of auto, cpu, cuda, cuda:N"
+    if not args:
+        assert proc.stderr.strip() == f"error: {error}"
+    else:  # each job's line, and the summary's
+        assert (proc.stdout + proc.stderr).count(error) == 3

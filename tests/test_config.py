@@ -4,6 +4,7 @@ import re
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from ablate.data import make_synthetic
 from ablate.losses import FocalLoss
@@ -185,3 +186,24 @@ def test_dry_run_pushes_images_through_the_model_and_loss():
     with pytest.raises(ConfigError, match="loss: Negative of the untrained model"):
         dry_run(cfg, model, Negative(), data)
     assert model.training  # the check leaves the model as it found it
+
+
+@pytest.mark.parametrize("scale", ["inf", "1e400", "-inf", "nan"])  # YAML reads 1e400 as inf
+def test_an_infinite_scale_is_refused_in_one_line_naming_it(scale):
+    cfg = compose_cfg([f"scale={scale}"])
+    resolved = OmegaConf.to_container(cfg, resolve=True)  # ${scaled:N} resolves, to N
+    assert resolved["epochs"] == 50 and resolved["swa"]["anneal_epochs"] == 5
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert str(err.value) == (f"invalid config: scale={resolved['scale']!r} must be a finite "
+                              "number > 0 (e.g. 0.1 for a quick look)")
+
+
+def test_a_folder_whose_config_says_scale_inf_is_read_by_analysis(tmp_path):
+    from analysis.runs import read_hydra
+
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("seed: 0\nscale: .inf\nepochs: ${scaled:50}\n")
+    (tmp_path / ".hydra" / "hydra.yaml").write_text(
+        "hydra:\n  runtime: {choices: {}}\n  overrides: {task: [scale=inf]}\n")
+    assert read_hydra(tmp_path)["config"] == {"seed": 0, "scale": float("inf"), "epochs": 50}

@@ -174,3 +174,69 @@ def test_holding_a_folder_clears_what_a_killed_writer_left_half_written(tmp_path
     (tmp_path / "metrics.csv").write_text("epoch,test_acc\n1,0.5\n")
     with locked(tmp_path):
         assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "metrics.csv"]
+
+
+# ----------------------------------------------------------------------------- issue 28
+
+# Fixed settings that sort before `seed` and fill the name's budget (200 characters).
+FIXED = [*TINY1, "batch_size=64", "grad_clip=4.5", "l1_lambda=1.0e-07", "optim.weight_decay=1.0e-06",
+         "optim.lr=0.0015", "data.val_size=0"]
+
+
+def test_a_name_that_must_be_cut_keeps_the_swept_keys_first(tmp_path):
+    from omegaconf import OmegaConf
+
+    (tmp_path / "multirun.yaml").write_text(  # Hydra's record of the sweep as typed
+        OmegaConf.to_yaml({"hydra": {"overrides": {"task": [*FIXED, "seed=0,1"]}}}))
+    root = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}, "sweeper": {"params": None}}})
+    names = [job_folder([*FIXED, f"seed={s}"], _root_=root) for s in (0, 1)]
+    for seed, name in zip((0, 1), names):
+        assert name.startswith(f"seed={seed},batch_size=64,") and len(name) == 200
+    assert names[0][:-9] != names[1][:-9]  # told apart before the hash
+    # sorted alone, `seed` fell past the cut: only the hash told the jobs apart
+    alone = job_folder([*FIXED, "seed=0"])
+    assert "seed=0" not in alone and alone[-8:] == names[0][-8:]  # the hash is of the same overrides
+    # a grid of a preset (hydra.sweeper.params) is swept too; a name that fits keeps sorted order
+    root = OmegaConf.create({"hydra": {"sweeper": {"params": {"model/activation": "relu,elu"}}}})
+    assert job_folder([*FIXED, "model/activation=elu"], _root_=root).startswith("model_activation=elu,")
+    assert job_folder(["seed=1", "loss=focal"], _root_=root) == "loss=focal,seed=1"
+
+
+@pytest.mark.slow
+def test_a_sweep_with_long_fixed_settings_keeps_each_jobs_seed_in_its_folder_name(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_script("ablate/train.py", "-m", *FIXED, "seed=0,1", "save_weights=false", f"hydra.sweep.dir={sweep}")
+    names = sorted(p.parent.name for p in sweep.glob("*/result.json"))
+    assert [n.split(",")[0] for n in names] == ["seed=0", "seed=1"]
+
+
+def _tiny_config(*overrides):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(compose_cfg([*TINY1, *overrides]), resolve=True)
+
+
+@pytest.mark.parametrize("kept_in", ["result.json", "checkpoint.pt", "nowhere"])
+def test_a_refusal_names_the_settings_that_differ_from_what_the_folder_keeps(tmp_path, kept_in):
+    import torch
+
+    from ablate.folder import FolderRefused, accept
+
+    there = _tiny_config()  # no .hydra/: what the record or the finished checkpoint keeps is compared
+    digest = identity(there)
+    if kept_in == "checkpoint.pt":  # result.json lost after the run completed
+        torch.save({"identity": digest, "state": {"epoch": 1, "rows": []},
+                    "finished_record": json.dumps({"config_hash": digest, "config": there})},
+                   tmp_path / "checkpoint.pt")
+    else:
+        (tmp_path / "result.json").write_text(json.dumps(
+            {"config_hash": digest, **({"config": there} if kept_in == "result.json" else {})}))
+    with pytest.raises(FolderRefused) as err:
+        accept(tmp_path, compose_cfg([*TINY1, "optim.lr=0.5", "seed=3"]))
+    message = str(err.value)
+    if kept_in == "nowhere":  # a record written before records kept their config
+        assert ("result.json was made by another config (identity " in message
+                and "the folder keeps no copy of its settings to compare" in message)
+    else:
+        assert "(there -> here: optim.lr: 0.001 -> 0.5; seed: 0 -> 3)" in message
+    assert "\n" not in message

@@ -80,3 +80,16 @@ def test_a_bf16_run_learns_records_bf16_and_resumes_bit_for_bit(tmp_path, monkey
     assert calls == ["epoch 2/3", "epoch 3/3"]  # resumed, not restarted
     assert _rows(parts) == _rows(whole)
     assert RunRecord.load(parts).final_test_acc == record.final_test_acc
+
+
+@pytest.mark.parametrize("forced, expected", [("1", "bf16"), ("0", "fp32")])
+def test_an_environment_switch_forces_what_auto_means_on_this_cpu(monkeypatch, forced, expected):
+    # how the suite is run as on a CPU with (or without) bf16 instructions, subprocesses included
+    monkeypatch.setenv(ablate.loop.CPU_BF16_ENV, forced)
+    assert resolve_precision("auto", CPU) == expected
+    cfg = compose_cfg(["device=cpu"])
+    settle_precision(cfg)
+    assert cfg.precision == expected
+    monkeypatch.setenv(ablate.loop.CPU_BF16_ENV, "")  # unset: the CPU's own instructions decide
+    assert ablate.loop.cpu_computes_bf16() == any(
+        getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))

@@ -102,8 +102,8 @@ def test_completed_run_is_skipped_when_run_again(tmp_path):
 def test_a_folder_accepts_its_own_config_and_refuses_another(tmp_path):
     _, run_dir = train(tmp_path, "same")
     accept(run_dir, compose_cfg([*TINY, "threads=1", "device=cpu"]))  # operational keys: same run
-    with pytest.raises(FolderRefused, match=r"checkpoint.pt was made by config \w+"):
-        accept(run_dir, compose_cfg([*TINY, "optim.lr=0.5"]))  # no .hydra/ here to say which key
+    with pytest.raises(FolderRefused, match=r"\(there -> here: optim.lr: 0.001 -> 0.5\)"):
+        accept(run_dir, compose_cfg([*TINY, "optim.lr=0.5"]))  # no .hydra/ here: the record's config says
 
 
 @pytest.mark.parametrize("override,message", [

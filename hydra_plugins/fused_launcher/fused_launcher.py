@@ -29,6 +29,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
+OWN_TASK = "ablate.train.main"  # the task function (the one @hydra.main wraps) that fuses
 
 
 @dataclass
@@ -116,12 +117,12 @@ class FusedLauncher(Launcher):
     def _foreign_task(self) -> str | None:
         """Why jobs cannot fuse whatever their configs: fusing trains with ablate's own loop, so
         another application's task function (composed from this conf/) runs as it would alone."""
-        from ablate import train
-
-        if self.task_function is getattr(train.main, "__wrapped__", None):
-            return None
+        # Told by name, not by importing ablate.train: its @hydra.main sets Hydra's process-wide
+        # version_base, and a foreign app's jobs would then run under 1.3's rules, not its own.
         name = f"{getattr(self.task_function, '__module__', '?')}.{getattr(self.task_function, '__qualname__', '?')}"
-        return f"the task function is {name}, not ablate.train.main; only ablate's own training fuses"
+        if name == OWN_TASK:
+            return None
+        return f"the task function is {name}, not {OWN_TASK}; only ablate's own training fuses"
 
     def _why_not_fused(self, sweep_config: DictConfig) -> str | None:
         from ablate.fused import fusable
