@@ -165,6 +165,8 @@ def main(argv=None) -> None:
     parser.add_argument("--template", type=Path, help="a real run folder to copy (default: train a tiny one)")
     parser.add_argument("--code", type=Path, default=REPO, help="checkout whose analysis/ to measure")
     parser.add_argument("--repeats", type=int, default=3, help="collect calls per size (default 3)")
+    parser.add_argument("--drop-caches", action="store_true", help="empty the OS page cache before each "
+                        "call (Linux, as root: /proc/sys/vm/drop_caches), so every file is read from disk")
     parser.add_argument("--only", choices=("collect", "main"), help="measure only this")
     parser.add_argument("--keep", type=Path, help="fabricate here and keep the folders")
     parser.add_argument("--measure", choices=("collect", "main"), help=argparse.SUPPRESS)
@@ -191,13 +193,17 @@ def main(argv=None) -> None:
                 args.only, ["collect"] * args.repeats + ["main"])
             for i, what in enumerate(calls):
                 shutil.rmtree(work / "tables", ignore_errors=True)
+                if args.drop_caches:
+                    os.sync()
+                    Path("/proc/sys/vm/drop_caches").write_text("3\n")
                 r = child(what, root, work / "tables", args.code.resolve(), work / f"home{n}-{i}")
                 rows.append((n, what, r))
                 print(f"{n} folders, {what} #{i + 1}: {r['seconds']:.2f} s, peak RSS {r['peak_rss_mb']:.0f} MB",
                       file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"analysis/ from {args.code.resolve()}; each call a fresh process with a fresh HOME\n")
+    print(f"analysis/ from {args.code.resolve()}; each call a fresh process with a fresh HOME"
+          f"{', the page cache emptied first' if args.drop_caches else ''}\n")
     print("| run folders | call | calls | seconds, median (min-max) | peak RSS (MB) |")
     print("|---:|---|---:|---|---:|")
     for (n, what), group in itertools.groupby(rows, key=lambda row: row[:2]):
