@@ -33,7 +33,6 @@ COLUMNS = ("run_dir", "sweep", "sweep_kind", "study", "job", "status", "error", 
            "metric", "duplicate_of")
 FROM_RECORD = ("epochs_run", "final_test_acc", "best_test_acc", "best_val_acc", "train_images",
                "val_images", "data_source", "extra")
-SLOW_WAY = "an older record without its config: read from .hydra/ through OmegaConf"
 
 
 def printable(text: str) -> str:
@@ -48,7 +47,7 @@ class Unreadable(Exception):
 def find_run_dirs(root: Path) -> list[Path]:
     """Every folder under `root` that a run used (it holds result.json or .hydra/config.yaml)."""
     def is_run(path: str) -> bool:
-        return os.path.exists(os.path.join(path, RESULT_FILE)) or os.path.exists(os.path.join(path, HYDRA_CONFIG))
+        return any(os.path.exists(os.path.join(path, name)) for name in (RESULT_FILE, HYDRA_CONFIG))
 
     if is_run(os.fspath(root)):
         return [Path(root)]
@@ -68,10 +67,8 @@ def natural(path) -> list:
 
 def parse_override(text: str) -> tuple[str, str]:
     """'+experiment=loss_a' -> ('experiment', 'loss_a'); '~key' -> ('key', '<deleted>')."""
-    if text.startswith("~"):
-        return text.lstrip("~").split("=")[0], "<deleted>"
-    key, _, value = text.lstrip("+").partition("=")
-    return key, value
+    key, _, value = text.lstrip("+~").partition("=")
+    return (key, "<deleted>") if text.startswith("~") else (key, value)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -109,9 +106,8 @@ def read_result(run_dir: Path) -> dict | None:
                "not > 0" if key == "scale" and value <= 0 else None)
         if why:
             raise Unreadable(f"{RESULT_FILE}: {key} is {value!r}, {why}")
-    for key in MAPPINGS:
-        if record.get(key) is not None and not isinstance(record[key], dict):
-            raise Unreadable(f"{RESULT_FILE}: {key} is a {type(record[key]).__name__}, not a mapping")
+    for key in (key for key in MAPPINGS if record.get(key) is not None and not isinstance(record[key], dict)):
+        raise Unreadable(f"{RESULT_FILE}: {key} is a {type(record[key]).__name__}, not a mapping")
     if not all(isinstance(o, str) for o in record.get("overrides") or []):
         raise Unreadable(f"{RESULT_FILE}: overrides are not all strings")
     return record
@@ -124,26 +120,21 @@ def read_hydra(run_dir: Path) -> dict:
 
     import ablate.resolvers  # noqa: F401  (${scaled:N} in the config)
 
-    def load(name: str):
+    name = HYDRA_CONFIG
+    try:  # OmegaConf raises many kinds of errors on a damaged file
+        config = OmegaConf.load(run_dir / name)
         try:
-            return OmegaConf.load(run_dir / name)
-        except Exception as err:  # OmegaConf raises many kinds on a damaged file
-            raise Unreadable(f"{name}: {type(err).__name__}: {(str(err) or '?').splitlines()[0]}") from None
-
-    config, hydra = load(HYDRA_CONFIG), load(HYDRA_RUNTIME)
-    try:
-        tree = OmegaConf.to_container(config, resolve=True)
-    except Exception:  # an interpolation only Hydra could resolve: as written
-        tree = OmegaConf.to_container(config, resolve=False)
-    try:
-        choices = OmegaConf.to_container(hydra.hydra.runtime.choices)
-        typed = [str(o) for o in hydra.hydra.overrides.task]
+            tree = OmegaConf.to_container(config, resolve=True)
+        except Exception:  # an interpolation only Hydra could resolve: as written
+            tree = OmegaConf.to_container(config, resolve=False)
+        hydra = OmegaConf.load(run_dir / (name := HYDRA_RUNTIME)).hydra
+        choices, typed = OmegaConf.to_container(hydra.runtime.choices), [str(o) for o in hydra.overrides.task]
     except Exception as err:
-        raise Unreadable(f"{HYDRA_RUNTIME}: no hydra.runtime.choices or hydra.overrides.task ({err})") from None
+        raise Unreadable(f"{name}: {type(err).__name__}: {(str(err) or '?').splitlines()[0]}") from None
     if not isinstance(tree, dict):
         raise Unreadable(f"{HYDRA_CONFIG}: holds a {type(tree).__name__}, not a mapping")
-    choices = {k: str(v) for k, v in choices.items() if not k.startswith("hydra") and k != "logger" and v is not None}
-    return {"config": tree, "choices": choices, "overrides": typed}
+    return {"config": tree, "overrides": typed, "choices": {
+        k: str(v) for k, v in choices.items() if not k.startswith("hydra") and k != "logger" and v is not None}}
 
 
 def read_csv(path: Path, required: tuple[str, ...] = ()) -> tuple[dict | None, list[str]]:
@@ -172,14 +163,13 @@ def read_csv(path: Path, required: tuple[str, ...] = ()) -> tuple[dict | None, l
         raise Unreadable(f"{name}: a row has not {len(header)} fields (cut or damaged)")
     columns, notes = {}, []
     cells = [[c or "nan" for c in row] for row in body]  # an empty cell is a missing value
-    try:  # numpy parses the text, every column at once
-        table = np.array(cells, dtype=np.float64).reshape(len(body), len(header)).T
-    except ValueError:  # a column of text: find it
+    try:  # numpy parses the text, every column at once (with a column of text: one by one)
+        table = list(np.array(cells, dtype=np.float64).reshape(len(body), len(header)).T)
+    except ValueError:
         table = [None] * len(header)
     for i, column in enumerate(header):
         try:
-            columns[sys.intern(column)] = table[i] if table[i] is not None else \
-                np.array([row[i] for row in cells], dtype=np.float64)
+            columns[sys.intern(column)] = np.array([r[i] for r in cells], dtype=np.float64) if table[i] is None else table[i]
         except ValueError:
             if column in METRIC_COLUMNS:
                 raise Unreadable(f"{name}: column {column!r} holds a value that is not a number") from None
@@ -203,32 +193,29 @@ def usable_accuracy(record: dict) -> tuple[float, str]:
     after the last epoch) and which one it is; nan when the number is missing or impossible."""
     metric = "test_acc_at_best_val" if record.get("test_acc_at_best_val") is not None else "final_test_acc"
     acc = record.get(metric)
-    ok = _is_number(acc) and math.isfinite(acc) and 0 <= acc <= 1
-    return (float(acc) if ok else math.nan), metric
+    return (float(acc) if _is_number(acc) and math.isfinite(acc) and 0 <= acc <= 1 else math.nan), metric
 
 
 def read_run(run_dir: Path, csvs: tuple[str, ...] = ("metrics",)) -> tuple[dict, dict]:
     """What a run's own files say: its row's fields (but run_dir and sweep) and each CSV as
     columns; a damaged file makes the row `unreadable` (and no CSVs), never an exception."""
-    row: dict = {"status": "unfinished", "error": None, "note": None, "choices": {}, "overrides": {},
-                 "typed_overrides": [], "config": {}, "sweep_info": {}}
-    frames: dict = {}
+    row, frames = {"status": "unfinished", "error": None, "note": None, "choices": {}, "overrides": {},
+                   "typed_overrides": [], "config": {}, "sweep_info": {}}, {}
     try:
         record = read_result(run_dir)
         if record is None:
             row["error"] = f"no {RESULT_FILE} (never started, still starting, or killed)"
             return row, frames
-        # what the loop writes: all its columns, one row an epoch (older records: less is checked)
-        new = "config" in record
+        new = "config" in record  # the loop writes all its columns (older records: less checked)
         required = METRIC_COLUMNS if new else ("epoch", "test_acc")
         if not new:  # written before records said what the run was
             record.update(read_hydra(run_dir), row_identity=None)
-            row["note"] = SLOW_WAY
+            row["note"] = "an older record without its config: read from .hydra/ through OmegaConf"
         notes = []
         for name in csvs:
             frames[name], more = read_csv(run_dir / CSV_FILES[name], required if name == "metrics" else ())
             notes += more
-        rows = len(frames["metrics"]["epoch"]) if frames.get("metrics") else 0
+        rows = len(frames["metrics"]["epoch"]) if frames.get("metrics") else 0  # completed: one an epoch
         if new and "metrics" in csvs and record["status"] == "completed" and rows != record.get("epochs_run", rows):
             raise Unreadable(f"{METRICS_FILE}: {rows} epochs, but the record says "
                              f"{record['epochs_run']} ran (cut or damaged)")
@@ -252,12 +239,11 @@ def read_run(run_dir: Path, csvs: tuple[str, ...] = ("metrics",)) -> tuple[dict,
 
 
 def place(run_dir: Path, root: Path, info: dict) -> dict:
-    """Which sweep a run belongs to, as its record says (an older one: a folder Hydra wrote
-    multirun.yaml into): the folder that holds it; single runs form one group per root."""
+    """The run's sweep as its record says (older: a folder holding multirun.yaml) is the folder
+    holding the run; single runs form one group per root."""
     kind = info.get("kind") or ("grid" if (run_dir.parent / SWEEP_FILE).exists() else "single")
     sweep = f"single runs in {root}" if kind == "single" else str(run_dir.parent)
-    return {"run_dir": str(run_dir), "sweep": sweep, "sweep_kind": kind, "study": info.get("study"),
-            "job": info.get("job")}
+    return {"run_dir": str(run_dir), "sweep": sweep, "sweep_kind": kind, **{k: info.get(k) for k in ("study", "job")}}
 
 
 def mark_duplicates(runs: pd.DataFrame) -> pd.DataFrame:
@@ -269,7 +255,7 @@ def mark_duplicates(runs: pd.DataFrame) -> pd.DataFrame:
     rank = {"completed": 0, "completed without accuracy": 1}
     shared = runs["identity"].notna() & runs["identity"].duplicated(keep=False)
     for _, group in runs[shared].groupby("identity", sort=False):
-        for i in group.index:
+        for i in group.index:  # the other sweeps holding a copy
             runs.at[i, "also_in"] = sorted(set(group["sweep"]) - {runs.at[i, "sweep"]})
         for _, copies in group.groupby("sweep", sort=False):
             order = sorted(copies.index, key=lambda i: (rank.get(runs.at[i, "status"], 2), natural(runs.at[i, "run_dir"])))
@@ -285,10 +271,8 @@ def stack(pieces: list[tuple[str, dict]]) -> pd.DataFrame:
     concatenating thousands of small frames gives, in a fraction of the time)."""
     if not pieces:
         return pd.DataFrame(columns=["run_dir"])
-    lengths = [len(next(iter(columns.values()))) if columns else 0 for _, columns in pieces]
-    names = list(dict.fromkeys(name for _, columns in pieces for name in columns))
-    data = {}
-    for name in names:
+    lengths, data = [len(next(iter(columns.values()))) if columns else 0 for _, columns in pieces], {}
+    for name in dict.fromkeys(name for _, columns in pieces for name in columns):
         parts = [columns.get(name) for _, columns in pieces]
         if all(p is not None for p in parts) and len({p.dtype for p in parts}) == 1:
             data[name] = np.concatenate(parts)
@@ -296,9 +280,7 @@ def stack(pieces: list[tuple[str, dict]]) -> pd.DataFrame:
             data[name] = np.concatenate([np.full(n, np.nan) if p is None else p.astype(np.float64)
                                          for p, n in zip(parts, lengths)])
     data["run_dir"] = np.repeat(np.array([run_dir for run_dir, _ in pieces], dtype=object), lengths)
-    frame = pd.DataFrame(data)
-    frame["run_dir"] = frame["run_dir"].astype(pd.Series(["x"]).dtype)  # the dtype assign() gives text
-    return frame
+    return pd.DataFrame(data).astype({"run_dir": pd.Series(["x"]).dtype})  # the dtype assign() gives text
 
 
 def collect(roots: list[Path], csvs: tuple[str, ...] = ("metrics",)) -> tuple[pd.DataFrame, dict]:
@@ -309,13 +291,10 @@ def collect(roots: list[Path], csvs: tuple[str, ...] = ("metrics",)) -> tuple[pd
         for run_dir in find_run_dirs(root):
             fields, frames = read_run(run_dir, tuple(csvs))
             rows.append({**place(run_dir, root, fields.pop("sweep_info")), **fields})
-            for name, columns in frames.items():
-                if columns is not None:
-                    pieces[name].append((str(run_dir), columns))
+            for name in (name for name, columns in frames.items() if columns is not None):
+                pieces[name].append((str(run_dir), frames[name]))
     rows.sort(key=lambda row: (row["sweep"], row["job"], row["run_dir"]) if isinstance(row["job"], int)
               else (row["sweep"], math.inf, natural(row["run_dir"])))
-    runs = pd.DataFrame(rows, columns=[*COLUMNS, *FROM_RECORD])
-    runs["acc"] = runs["acc"].astype(float)
-    runs = mark_duplicates(runs)
+    runs = mark_duplicates(pd.DataFrame(rows, columns=[*COLUMNS, *FROM_RECORD]).astype({"acc": float}))
     kept = set(runs.loc[runs["status"] != "duplicate", "run_dir"])
     return runs, {name: stack([(d, c) for d, c in found if d in kept]) for name, found in pieces.items()}
