@@ -22,7 +22,6 @@ import copy
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig

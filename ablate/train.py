@@ -16,9 +16,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from ablate.callbacks import JobOutcome
-from ablate.compose import (REPO, Interrupted, Job, build, finished_record, finished_twin,  # noqa: F401
-                            pick_device, raise_interrupted, read_record, record_failure,
-                            resume_advice, run, settle_precision, spread_device)
+from ablate.compose import (REPO, Interrupted, Job, finished_record, finished_twin, pick_device,
+                            raise_interrupted, read_record, record_failure, resume_advice, run,
+                            settle_precision)
 from ablate.data import DataError
 from ablate.folder import FolderRefused, accept, locked, logging_to, write_hydra
 from ablate.record import WriteError

@@ -1,7 +1,6 @@
 """Analysis on hand-made run folders: tables, statistics, damaged, copied and failed runs, plots."""
 import json
 import math
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np

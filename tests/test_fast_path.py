@@ -20,7 +20,7 @@ from ablate.data import batches, make_synthetic, normalize, random_crop_flip
 from ablate.loop import Precision, evaluate, pick_precision, train_one_epoch
 from ablate.models import CNN
 from ablate import train
-from ablate.train import spread_device
+from ablate.compose import spread_device
 from ablate.validation import ConfigError, validate
 from benchmarks import plain
 

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -20,7 +19,8 @@ from ablate import fused, savers
 from ablate.fused import Job, Stack, fusable, optimizer_acts_per_member, run_group
 from ablate.loop import Callback, step_scheduler
 from ablate.record import RunRecord, WriteError
-from ablate.train import build, run
+from ablate.compose import build
+from ablate.train import run
 from conftest import CONF, REPO, TINY, compose_cfg, run_script
 
 CASES = {
@@ -423,23 +423,6 @@ def test_a_fused_sweep_with_a_callback_and_tensorboard_trains_fused(tmp_path):
 
 # ----------------------------------------------------------------------------- no run starts over
 
-class NumpyMean(Callback):
-    """A callback built on numpy: a numpy number in its row, a numpy array in its state."""
-
-    def __init__(self):
-        self.losses = np.zeros(0)
-
-    def on_epoch_end(self, loop, row: dict) -> None:
-        self.losses = np.append(self.losses, row["train_loss"])
-        row["mean_loss"] = np.float64(self.losses.mean())
-
-    def state_dict(self) -> dict:
-        return {"losses": self.losses}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.losses = np.asarray(state["losses"])
-
-
 class StopInEpoch2(Callback):
     def on_epoch_end(self, loop, row: dict) -> None:
         if row["epoch"] == 2:
@@ -447,7 +430,7 @@ class StopInEpoch2(Callback):
 
 
 def test_fused_members_with_a_numpy_callback_resume_and_rebuild_a_lost_record(tmp_path):
-    extra = [*CASES["ce-adam-cosine"], "+callbacks.mean._target_=test_fused.NumpyMean"]
+    extra = [*CASES["ce-adam-cosine"], "+callbacks.mean._target_=test_adversarial.NumpyState"]
     stopped = fused_jobs(tmp_path, [*extra, "+callbacks.stop._target_=test_fused.StopInEpoch2"])
     assert "completed" not in run_group(stopped)  # each checkpoint holds epoch 1
     first = [metrics(job.run_dir) for job in stopped]

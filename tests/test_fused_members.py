@@ -3,7 +3,6 @@ callback raises stops the group without blaming the others."""
 from __future__ import annotations
 
 import pandas as pd
-import pytest
 
 from ablate.compose import Job
 from ablate.fused import run_group

@@ -11,7 +11,6 @@ waits for SLURM.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
