@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import pickle
+import shutil
 import socket
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -186,12 +187,15 @@ def _download(root: Path):
     log.info("CIFAR-10 not found in %s; downloading the official archive", root)
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # a blocked network fails instead of hanging
+    made = not root.exists()
     try:
         root.mkdir(parents=True, exist_ok=True)
         CIFAR10(str(root), train=True, download=True)
         CIFAR10(str(root), train=False, download=True)
     except Exception as err:  # network errors come in many types (URLError, OSError, ...)
         _FAILED_DOWNLOADS.add(root)
+        if made:  # a mistyped data.root leaves no folder (nor a partial archive) behind
+            shutil.rmtree(root, ignore_errors=True)
         raise DataError(_not_found(root, f"the download failed ({type(err).__name__}: {err})")) from None
     finally:
         socket.setdefaulttimeout(previous)

@@ -40,3 +40,17 @@ def test_a_sweep_rerun_with_a_new_key_does_not_retrain_the_job_it_already_ran(tm
     runs, _ = collect([sweep])
     assert sorted(runs["seed"]) == [0, 1] and (runs["status"] == "completed").all()
     assert len(list(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))) == 2
+
+
+@pytest.mark.slow
+def test_a_mistyped_data_root_whose_download_fails_leaves_no_folder(tmp_path):
+    root = tmp_path / "cifar_typo"
+    # a proxy nobody answers: the download fails at once, with or without a network
+    proxy = {k: "http://127.0.0.1:9" for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in proxy.items():
+            env.setenv(key, value)
+        proc = run_script("ablate/train.py", "model.filters=[8,16,32]", "epochs=1", f"data.root={root}",
+                          f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 1 and "CIFAR-10 not found in" in proc.stderr.strip().splitlines()[-1]
+    assert not root.exists()  # the download failed, and the folder it made is gone
