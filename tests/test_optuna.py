@@ -179,3 +179,20 @@ def test_a_second_command_on_a_study_in_use_is_refused(tmp_path):
                                    "command (pid 4242); wait for it to end, or tune into another "
                                    "hydra.sweep.dir")
     assert sorted(p.name for p in sweep.iterdir()) == ["optuna.db.lock"]  # no study, no trial
+
+
+@pytest.mark.slow
+def test_two_studies_under_one_root_are_two_tables(tmp_path):
+    """Each trial's record names its study and its sweep folder: make_tables over the root of two
+    studies writes two tables, never one pooled across them."""
+    for name in ("lr_a", "lr_b"):
+        run_script("ablate/train.py", *tune("hydra.sweeper.n_trials=2"), f"hydra.sweeper.study_name={name}",
+                   f"hydra.sweep.dir={tmp_path / name}")
+    from analysis.runs import collect
+    from analysis.tables import sweep_reports
+
+    found, _ = collect([tmp_path])
+    assert sorted(found["study"]) == ["lr_a", "lr_a", "lr_b", "lr_b"] and set(found["sweep_kind"]) == {"optuna"}
+    assert sorted(r["sweep"] for r in sweep_reports(found)) == [str(tmp_path / "lr_a"), str(tmp_path / "lr_b")]
+    out = run_script("analysis/make_tables.py", "--root", str(tmp_path)).stdout
+    assert out.count("### ") >= 2 and "single runs in" not in out
