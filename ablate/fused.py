@@ -18,6 +18,7 @@ begun alone resumes in a group.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -344,19 +345,23 @@ class MemberLoop(Loop):
     def model(self, value) -> None:
         """Loop's constructor sets it; a member has no model of its own (see the getter)."""
 
-    def call(self, hook: str, *args) -> None:
+    @contextlib.contextmanager
+    def blamed(self):
+        """An exception of this member's callbacks names the member: the group stops, and only
+        this member's record says failed (train_stack)."""
         try:
-            super().call(hook, *args)
-        except Exception as err:  # the group stops: say whose callback it was
-            err.member = self.run_dir
-            raise
-
-    def end_epoch(self, row: dict) -> None:
-        try:
-            super().end_epoch(row)
+            yield
         except Exception as err:
             err.member = self.run_dir
             raise
+
+    def call(self, hook: str, *args) -> None:
+        with self.blamed():
+            super().call(hook, *args)
+
+    def end_epoch(self, row: dict) -> None:
+        with self.blamed():
+            super().end_epoch(row)
 
     def weights(self) -> dict[str, torch.Tensor]:
         return self.fused.stack.state_dict(self.index)
