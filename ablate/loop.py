@@ -55,6 +55,15 @@ class Precision:
     def prepare(self, inputs: torch.Tensor) -> torch.Tensor:
         return inputs.contiguous(memory_format=torch.channels_last) if self.channels_last else inputs
 
+    def forward(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                loss_fn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits under autocast, and the loss on them in fp32: autocast rounds the layers'
+        outputs (logits included) to bf16/fp16, never the loss, the gradients or the optimizer's
+        state, which follow the fp32 weights (docs/fused-and-performance.md, benchmarks/bf16_audit.py)."""
+        with self.autocast(inputs.device):
+            logits = model(self.prepare(inputs))
+        return logits, loss_fn(logits.float(), targets)
+
 
 # Set to 1 or 0 to make precision=auto on a CPU act as if it had (or lacked) bf16 instructions:
 # how the test suite is run both ways on one machine (its subprocesses inherit it).
@@ -143,9 +152,7 @@ def train_one_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_
         inputs = precision.prepare(inputs)
         if loop is not None:
             loop.call("before_step", inputs, targets)
-        with precision.autocast(device):
-            logits = model(inputs)
-        loss = loss_fn(logits.float(), targets)
+        logits, loss = precision.forward(model, inputs, targets, loss_fn)
         objective = loss + l1_lambda * l1_penalty(model) if l1_lambda else loss
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(objective).backward()
@@ -182,9 +189,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn: nn.
     total_loss = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
     for inputs, targets in batches(x, y, batch_size):
-        with precision.autocast(x.device):
-            logits = model(precision.prepare(inputs))
-        total_loss += loss_fn(logits.float(), targets) * len(targets)
+        logits, loss = precision.forward(model, inputs, targets, loss_fn)
+        total_loss += loss * len(targets)
         correct += (logits.argmax(1) == targets).sum()
     return {"loss": total_loss.item() / len(y), "acc": correct.item() / len(y)}
 

@@ -93,3 +93,31 @@ def test_an_environment_switch_forces_what_auto_means_on_this_cpu(monkeypatch, f
     monkeypatch.setenv(ablate.loop.CPU_BF16_ENV, "")  # unset: the CPU's own instructions decide
     assert ablate.loop.cpu_computes_bf16() == any(
         getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def test_bf16_rounds_the_layers_never_the_loss_gradients_or_optimizer_state():
+    """The loop's step under bf16 autocast (Precision.forward), read by benchmarks/bf16_audit.py:
+    the layers compute in bf16, the loss, the weights' gradients and Adam's state stay fp32, and
+    bf16's gradient error is far inside the change from one batch to the next, not repeated."""
+    from benchmarks import bf16_audit
+    from ablate.compose import build, build_data
+
+    cfg = compose_cfg(TINY_BF16[:3] + ["model.filters=[8,16,32]"])
+    torch.manual_seed(0)
+    data, _ = build_data(cfg, CPU)
+    model, loss_fn = build(cfg, "model"), build(cfg, "loss")
+    fp32, bf16 = pick_precision("fp32", CPU), pick_precision("bf16", CPU)
+    inputs, targets = data.train_x[:64].float() / 255, data.train_y[:64]
+    rows = {kind: (i, o) for kind, i, o in bf16_audit.dtypes(model, inputs, targets, loss_fn, bf16)}
+    assert rows["Conv2d"][1] == rows["Linear"][1] == rows["logits (model output)"][1] == "bfloat16"
+    assert rows["loss (on logits.float())"][1] == "float32"
+    assert rows["parameters' .grad"][1] == "float32"
+    assert rows["Adam state (exp_avg, exp_avg_sq)"][1] == "float32"
+    fp32_rows = {kind: o for kind, _, o in bf16_audit.dtypes(model, inputs, targets, loss_fn, fp32)}
+    assert fp32_rows["Conv2d"] == fp32_rows["logits (model output)"] == "float32"
+
+    table, loss_gap = bf16_audit.gradients(model, data, loss_fn, fp32, bf16, n=4, batch_size=64)
+    norm, error, batch_to_batch, persistence = table[bf16_audit.ALL]
+    assert 0 < error < 0.25 * batch_to_batch
+    assert persistence < 1.6  # independent errors give ~1; the same error every batch gives 2
+    assert 0 < loss_gap < 0.05
