@@ -11,13 +11,14 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import ClassVar
 
 from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from ablate.record import write_atomic
-from ablate.study import StudyLock, StudyRefused, open_study
+from ablate.study import StudyLock, StudyRefused, is_tuning, open_study
 
 log = logging.getLogger("ablate")
 FAILING = ("failed", "refused", "cancelled")  # outcomes that make a sweep exit 1
@@ -79,6 +80,7 @@ class SweepSummary(Callback):
 
     reports: Path | None = None
     study: StudyLock | None = None
+    running: ClassVar[tuple[SweepSummary, DictConfig] | None] = None  # for sweep_stopped
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         try:
@@ -87,6 +89,7 @@ class SweepSummary(Callback):
             sys.exit(f"error: {err}")
         self.reports = Path(config.hydra.sweep.dir) / ".jobs" / f"{os.getpid()}-{time.time_ns()}"
         self.reports.mkdir(parents=True, exist_ok=True)
+        SweepSummary.running = (self, config)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs) -> None:
         if self.reports is None:  # a single run
@@ -101,6 +104,12 @@ class SweepSummary(Callback):
         write_atomic(self.reports / f"{config.hydra.job.num}.json", json.dumps(report) + "\n")
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if self.summarize(config):
+            sys.exit(1)
+
+    def summarize(self, config: DictConfig) -> bool:
+        """Log the count of jobs by outcome and each failure; whether any job failed."""
+        SweepSummary.running = None
         if self.study is not None:
             self.study.release()
         sweep = Path(config.hydra.sweep.dir)
@@ -119,5 +128,19 @@ class SweepSummary(Callback):
         for (status, message), folders in bad.items():
             names = folders[0] if len(folders) == 1 else f"{len(folders)} jobs ({', '.join(folders)})"
             log.error("%s %s: %s", status, names, message)
-        if bad:
-            sys.exit(1)
+        return bool(bad)
+
+
+def sweep_stopped(err: Exception) -> None:
+    """When the sweeper itself raises after jobs ran, Hydra skips on_multirun_end: log the jobs'
+    summary all the same. A tuning sweep in which no trial completed (Optuna's best_trial raises
+    "Record does not exist.") then ends in one line, exit 1; any other error is the caller's."""
+    if SweepSummary.running is None:
+        return
+    summary, config = SweepSummary.running
+    summary.summarize(config)
+    if is_tuning(config) and isinstance(err, ValueError) and str(err) == "Record does not exist.":
+        name = config.hydra.sweeper.study_name
+        sys.exit(f"error: no trial of {f'study {name!r}' if name else 'the study'} completed, so it has "
+                 "no best value yet (the lines above say how each run ended); run the same command "
+                 "to add trials, after narrowing hydra.sweeper.params if every trial diverged")

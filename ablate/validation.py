@@ -266,6 +266,11 @@ def explained_composition_errors():
             if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":  # Hydra's trace, as asked
                 raise
             sys.exit(f"error: invalid config: {message}")
+        except Exception as err:
+            from ablate.callbacks import sweep_stopped  # imports the sweep's study code: only here
+
+            sweep_stopped(err)
+            raise
 
     hydra_utils.run_and_report = lambda func: report(lambda: explaining(func))
     try:

@@ -65,6 +65,24 @@ def test_a_diverging_trial_is_recorded_and_the_study_goes_on(tmp_path):
     assert not math.isnan(study(sweep).best_value)
 
 
+@pytest.mark.slow
+def test_a_study_whose_every_trial_diverged_ends_in_its_summary_and_one_line(tmp_path):
+    sweep = tmp_path / "tune"
+    proc = run_script("ablate/train.py", *TUNE, "optim=sgd", "grad_clip=null",
+                      "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=0",
+                      "hydra.sweeper.n_trials=2",  # seeded: draws each of the two, once
+                      "optim.lr=choice(1e308,1e300)", f"hydra.sweep.dir={sweep}", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert "Traceback" not in out and "Record does not exist" not in out
+    assert "2 jobs: 2 diverged" in out
+    assert out.rstrip().endswith(
+        "error: no trial of study 'optuna_lr' completed, so it has no best value yet (the lines "
+        "above say how each run ended); run the same command to add trials, after narrowing "
+        "hydra.sweeper.params if every trial diverged")
+    assert {t.state.name for t in study(sweep).trials} == {"FAIL"}
+
+
 TRIALS = "it is the number of trials this command runs, so it must be at least 1"
 
 
