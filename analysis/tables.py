@@ -260,10 +260,13 @@ def short(error, width: int = 100) -> str:
 
 
 def leftovers(runs: pd.DataFrame) -> pd.DataFrame:
-    """Runs that give no number to the table, each with a short reason."""
+    """Runs that give no number to the table, each with a short reason; a run still training
+    (or stopped without an error) says how far it got."""
     bad = runs[~((runs["status"] == "completed") & runs["acc"].notna())]
-    return pd.DataFrame({"run": bad["run_dir"], "status": bad["status"],
-                         "why": [short(e) for e in bad["error"]]}).reset_index(drop=True)
+    why = [short(e) or (f"{int(ran)} of {config['epochs']} epochs run"
+                        if pd.notna(ran) and "epochs" in config else "")
+           for e, ran, config in zip(bad["error"], bad["epochs_run"], bad["config"])]
+    return pd.DataFrame({"run": bad["run_dir"], "status": bad["status"], "why": why}).reset_index(drop=True)
 
 
 def sweep_reports(runs: pd.DataFrame) -> list[dict]:

@@ -15,7 +15,7 @@ from analysis.plots import curves_figure
 from analysis.reproduction import hydra_composer, reproduction_table
 from analysis import runs
 from analysis.runs import collect
-from analysis.tables import bootstrap_interval, sweep_reports
+from analysis.tables import bootstrap_interval, leftovers, sweep_reports
 from ablate.record import row_identity
 from conftest import compose_cfg, run_script
 
@@ -107,6 +107,17 @@ def test_markdown_names_the_axis_and_lists_runs_without_a_number(sweep):
     assert md.splitlines()[2].startswith("| Activation ")
     assert "| leaky_relu " in md and "paired p=" in md and "Holm p=" in md and "bootstrap" in md
     assert "Runs without a number" in md and "diverged" in md and "unreadable" in md and "no result.json" in md
+
+
+def test_a_run_still_training_says_how_far_it_got(tmp_path):
+    root = make_sweep(tmp_path / "s", {"relu": [0.5]})
+    make_run(root / "1", ["model/activation=elu", "seed=0"], status="running",
+             config={"seed": 0, "epochs": 100, "set": {"model/activation": "elu"}},
+             record={"epochs_run": 37})
+    report = sweep_reports(collect([root])[0])[0]
+    assert "37 of 100 epochs run" in report["markdown"]
+    (left,) = leftovers(collect([root])[0]).to_dict("records")
+    assert (left["status"], left["why"]) == ("running", "37 of 100 epochs run")
 
 
 # ----------------------------------------------------------------------------- damaged folders
