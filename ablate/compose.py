@@ -12,7 +12,6 @@ import logging
 import platform
 import signal
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,16 +164,18 @@ class Job:
 
 def start_record(job: Job, device: torch.device, precision: str) -> RunRecord:
     """The record of `job` as it starts: what it is (its resolved config, resolved once, here),
-    where it runs; the wall time of earlier attempts carries on."""
+    where it runs; its clock runs on from the wall time of earlier attempts."""
     config = OmegaConf.to_container(job.cfg, resolve=True)
     previous = read_record(job.run_dir)
-    return RunRecord(choices=job.choices, overrides=job.overrides, seed=job.cfg.seed,
+    record = RunRecord(choices=job.choices, overrides=job.overrides, seed=job.cfg.seed,
                      epochs=job.cfg.epochs, device=str(device), precision=precision,
                      torch_version=str(torch.__version__), git_commit=git_commit(), cpu=cpu_name(),
                      threads=torch.get_num_threads(), config_hash=identity(config),
                      wall_seconds=previous.wall_seconds if previous else 0.0,
                      sweep=job.sweep, config=config,
                      data_fingerprint=previous.data_fingerprint if previous else "")
+    record.start_clock()
+    return record
 
 
 def describe_data(record: RunRecord, data: ImageData, fingerprint: str, params: int) -> None:
@@ -287,7 +288,6 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict | None = None, overrides: 
     device = pick_device(cfg.device, job.job_num)
     set_up(cfg, device)
     record = start_record(job, device, pick_precision(cfg.precision, device).name)
-    start = time.perf_counter()
     state = parts = None
     try:
         parts = build_run(cfg, run_dir, device, record)
@@ -302,7 +302,6 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict | None = None, overrides: 
                               f"size): {str(err).splitlines()[0]}") from None
         raise
     finally:
-        record.wall_seconds += time.perf_counter() - start
         record.save(run_dir)
         for callback in parts.callbacks.values() if parts else ():
             callback.on_run_end(record)  # trackers end their runs with the record's final status

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import time
 from dataclasses import dataclass
 
 import torch
@@ -491,7 +490,6 @@ def train_stack(jobs: list[Job], ckpts: list[dict | None]) -> list[RunRecord]:
     set_up(cfg, device)
     precision = pick_precision(cfg.precision, device)
     records = [start_record(job, device, precision.name) for job in jobs]
-    start = time.perf_counter()
     loops: list[MemberLoop] = []
     try:
         data, fingerprint = build_data(cfg, device)  # the same images for every seed (fixed split seed)
@@ -554,10 +552,7 @@ def train_stack(jobs: list[Job], ckpts: list[dict | None]) -> list[RunRecord]:
                                 f"{type(err).__name__}: {err}; re-run to resume")
         raise
     finally:
-        now = time.perf_counter()
-        ended = {id(loop.record): loop.ended for loop in loops}
-        for job, record in zip(jobs, records):
-            record.wall_seconds += (ended.get(id(record)) or now) - start  # a diverged one: until it left
+        for job, record in zip(jobs, records):  # a diverged one's clock stopped when it left
             try:
                 record.save(job.run_dir)
             except WriteError as err:  # its last good record stays on disk

@@ -325,7 +325,6 @@ class Loop:
     callbacks: dict[str, Callback]
     generator: torch.Generator  # data order and augmentation
     state: FitState = field(default_factory=FitState)
-    ended: float | None = None  # perf_counter() when the run diverged and left the loop
 
     @property
     def has_val(self) -> bool:
@@ -480,7 +479,7 @@ def fit(trainer, loops: list[Loop], *, epochs: int,
 def leave(loop: Loop, reason: str) -> None:
     """Record a run as diverged: its checkpoint and files stay at its last good epoch."""
     loop.record.status, loop.record.error = "diverged", reason
-    loop.ended = time.perf_counter()
+    loop.record.stop_clock()  # its time ends here, not with its group's
     loop.record.save(loop.run_dir)
     log.warning("%s diverged: %s", loop.run_dir, reason)
 

@@ -10,9 +10,10 @@ import io
 import json
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 # The files of a run folder (beside the job's <job name>.log).
 HYDRA_DIR = ".hydra"                 # Hydra's record of the job, written by the run (ablate.folder)
@@ -133,7 +134,27 @@ class RunRecord:
     sweep: dict[str, Any] = field(default_factory=dict)  # kind (single|grid|optuna|...), dir, job, study, launcher
     config: dict[str, Any] = field(default_factory=dict)  # the resolved config, as trained
 
+    # (wall_seconds of the earlier starts, perf_counter() at this one) while this start's time counts;
+    # not a field, so never saved.
+    _clock: ClassVar[tuple[float, float] | None] = None
+
+    def start_clock(self) -> None:
+        """Count this start's wall time on top of the earlier starts' (wall_seconds so far). Every
+        save writes the total, so a process killed outright, with no `finally` run, keeps its time
+        up to its last save: each epoch's."""
+        self._clock = (self.wall_seconds, time.perf_counter())
+
+    def stop_clock(self) -> None:
+        """Stop counting (a fused member that diverged and left its group); wall_seconds stays."""
+        self._tick()
+        self._clock = None
+
+    def _tick(self) -> None:
+        if self._clock is not None:
+            self.wall_seconds = self._clock[0] + time.perf_counter() - self._clock[1]
+
     def save(self, run_dir: Path) -> None:
+        self._tick()
         write_atomic(Path(run_dir) / RESULT_FILE, json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod

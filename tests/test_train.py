@@ -1,5 +1,10 @@
 """Real (tiny) training runs on CPU through the same `run` the entry point calls."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pandas as pd
 import pytest
@@ -10,7 +15,7 @@ from ablate.folder import FolderRefused, accept
 from ablate.loop import Diverged, check_divergence
 from ablate.record import RunRecord
 from ablate.train import run
-from conftest import TINY, compose_cfg
+from conftest import REPO, TINY, compose_cfg, run_script
 
 
 def train(tmp_path, name, *overrides):
@@ -118,3 +123,32 @@ def test_values_that_cannot_work_stop_the_run_before_any_training(tmp_path, over
         train(tmp_path, "bad", override)
     assert not {"metrics.csv", "checkpoint.pt", "best_model.pth"} & {
         p.name for p in (tmp_path / "bad").iterdir()}
+
+
+@pytest.mark.slow
+def test_a_run_killed_outright_keeps_its_wall_time_and_its_resume_adds_to_it(tmp_path):
+    """SIGKILL runs no `finally`: the record's wall time must already be on disk, each epoch's."""
+    run_dir = tmp_path / "killed"
+    args = [*TINY, "epochs=60", "threads=1", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "ablate/train.py"), *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not ((run_dir / "result.json").is_file() and RunRecord.load(run_dir).epochs_run >= 3):
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    killed = RunRecord.load(run_dir)
+    assert killed.status == "running" and 3 <= killed.epochs_run < 60
+    trained = pd.read_csv(run_dir / "metrics.csv")["seconds"][:killed.epochs_run].sum()
+    assert killed.wall_seconds >= trained > 0  # it holds its epochs' training time at least
+
+    run_script("ablate/train.py", *args)  # resumes from its checkpoint
+    done = RunRecord.load(run_dir)
+    assert done.status == "completed" and done.epochs_run == 60
+    resumed = pd.read_csv(run_dir / "metrics.csv")["seconds"][killed.epochs_run:].sum()
+    assert done.wall_seconds >= killed.wall_seconds + resumed
