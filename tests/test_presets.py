@@ -188,7 +188,7 @@ def test_tiny_report_rows_train_resume_fuse_and_fill_the_reproduction_report(tmp
     assert re.search(r"\| activation +\| eLU +\| +87\.45 \| - .*\| not run ", repro)
 
 
-def test_committed_full_scale_records_fill_the_activation_table():
+def test_committed_full_scale_records_fill_the_activation_table_and_the_headline_row():
     from analysis.reproduction import hydra_composer, load_seed_results, reproduction_table
     from analysis.runs import collect
 
@@ -202,3 +202,8 @@ def test_committed_full_scale_records_fill_the_activation_table():
     assert rows.loc["eLU", "Difference, best epoch (pts)"] == f"{84.63 - 87.45:+.2f}"
     assert rows.loc["ReLU", "Difference (pts)"] == f"{85.03 - 89.31:+.2f}"
     assert list(rows["Precision"]) == ["fp32", "bf16", "bf16"]
+    [best] = table[table["Table"] == "best"].to_dict("records")  # 100 epochs, bf16
+    assert (best["Runs"], best["Scale"], best["Precision"]) == ("as preset", "full scale", "bf16")
+    assert best["Epochs (ours / seed)"] == "100 / 100"
+    assert best["Difference, best epoch (pts)"] == f"{88.39 - 91.53:+.2f}"
+    assert best["Difference (pts)"] == f"{88.17 - 91.53:+.2f}"
