@@ -194,14 +194,20 @@ def test_committed_full_scale_records_fill_the_activation_table_and_the_headline
 
     runs, _ = collect([REPO / "docs" / "results"])
     table = reproduction_table(runs, load_seed_results(), hydra_composer())
-    rows = table[(table["Table"] == "activation")].set_index("Row")
+    rows = table[(table["Table"] == "activation")].set_index(["Row", "Precision"])
     assert (rows["Runs"] == "as preset").all() and (rows["Scale"] == "full scale").all()
+    # a row trained in two precisions is two lines, never pooled
+    assert sorted(rows.index) == [("LeakyReLU", "bf16"), ("LeakyReLU", "fp32"), ("ReLU", "bf16"),
+                                  ("eLU", "bf16")]
     # best epoch against the seed's best epoch (like for like), last epoch beside it
-    assert rows.loc["LeakyReLU", "Difference, best epoch (pts)"] == f"{86.51 - 89.45:+.2f}"
-    assert rows.loc["ReLU", "Difference, best epoch (pts)"] == f"{85.15 - 89.31:+.2f}"
-    assert rows.loc["eLU", "Difference, best epoch (pts)"] == f"{84.63 - 87.45:+.2f}"
-    assert rows.loc["ReLU", "Difference (pts)"] == f"{85.03 - 89.31:+.2f}"
-    assert list(rows["Precision"]) == ["fp32", "bf16", "bf16"]
+    assert rows.loc[("LeakyReLU", "fp32"), "Difference, best epoch (pts)"] == f"{86.51 - 89.45:+.2f}"
+    assert rows.loc[("ReLU", "bf16"), "Difference, best epoch (pts)"] == f"{85.15 - 89.31:+.2f}"
+    assert rows.loc[("eLU", "bf16"), "Difference, best epoch (pts)"] == f"{84.63 - 87.45:+.2f}"
+    assert rows.loc[("ReLU", "bf16"), "Difference (pts)"] == f"{85.03 - 89.31:+.2f}"
+    # LeakyReLU in bf16: the completed seeds of docs/results/precision, their mean
+    done = runs[runs["run_dir"].str.contains("precision=bf16") & (runs["status"] == "completed")]
+    assert rows.loc[("LeakyReLU", "bf16"), "n"] == len(done) >= 1
+    assert rows.loc[("LeakyReLU", "bf16"), "Ours (%)"] == f"{100 * done['final_test_acc'].mean():.2f}"
     [best] = table[table["Table"] == "best"].to_dict("records")  # 100 epochs, bf16
     assert (best["Runs"], best["Scale"], best["Precision"]) == ("as preset", "full scale", "bf16")
     assert best["Epochs (ours / seed)"] == "100 / 100"
